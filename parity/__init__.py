@@ -1,0 +1,1 @@
+"""Parity harness: proves the port computes what Scenic computes."""

@@ -1,0 +1,1 @@
+"""Scenic/Flax checkpoints to PyTorch weights and back."""
