@@ -1,0 +1,491 @@
+"""Flax-numerics building blocks: Dense, Conv, LayerNorm, MlpBlock, attention, Encoder1DBlock.
+
+Every module here mirrors one Flax/Scenic module, and its attribute names are the Flax names, so a
+``state_dict`` key is a Flax parameter path with ``.`` for ``/`` (the converter in
+``tokenlearner_torch.weights_convert`` relies on it).
+
+Flax infers parameter shapes from the first input; so do these leaves. A dimension left as ``None`` makes
+the parameter an ``nn.UninitializedParameter`` that is created, with Scenic's initialiser, on the first
+forward call, or takes its shape from ``load_state_dict``. Call the model once (or load weights) before
+building an optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ShapeError
+from . import initializers as init
+
+__all__ = [
+    "Dense",
+    "Conv",
+    "LayerNorm",
+    "Identity",
+    "Dropout",
+    "StochasticDepth",
+    "MlpBlock",
+    "MultiHeadDotProductAttention",
+    "Encoder1DBlock",
+    "AddPositionEmbs",
+    "gelu",
+    "resolve_dtype",
+]
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Flax's ``nn.gelu``: the tanh approximation (``jax.nn.gelu(approximate=True)``), not the exact erf."""
+    return F.gelu(x, approximate="tanh")
+
+
+def resolve_dtype(dtype: object) -> Optional[torch.dtype]:
+    """Scenic's ``dtype`` option (a string, a torch dtype or None) as the compute dtype of a block.
+
+    Returns None for float32 (the parameters' own dtype: no casts at all).
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        name = getattr(dtype, "__name__", None) or getattr(dtype, "name", None) or str(dtype)
+        name = name.rsplit(".", 1)[-1]
+        table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if name not in table:
+            from .errors import ConfigError
+
+            raise ConfigError(f"dtype must be one of {sorted(table)} (as a string or torch dtype), got {dtype!r}")
+        resolved = table[name]
+    return None if resolved == torch.float32 else resolved
+
+
+class _LazyShapes(nn.Module):
+    """Parameters whose shapes may depend on the first input, as in Flax.
+
+    Subclasses register parameters with :meth:`_param` (``None`` shape = lazy) and implement
+    :meth:`_reset` (the Scenic initialiser). A lazy parameter takes its shape from ``load_state_dict``
+    or from :meth:`_materialize` at the first forward call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._register_load_state_dict_pre_hook(self._materialize_from_state_dict)
+
+    def _param(self, name: str, shape: Optional[Sequence[int]]) -> None:
+        if shape is None:
+            self.register_parameter(name, nn.UninitializedParameter(dtype=torch.float32))
+        else:
+            self.register_parameter(name, nn.Parameter(torch.empty(*shape, dtype=torch.float32)))
+
+    def is_lazy(self) -> bool:
+        return any(isinstance(p, nn.UninitializedParameter) for p in self._parameters.values() if p is not None)
+
+    def _materialize_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, param in self._parameters.items():
+            key = prefix + name
+            if isinstance(param, nn.UninitializedParameter) and key in state_dict:
+                param.materialize(tuple(state_dict[key].shape))
+        self._sync_dims()
+
+    def _materialize(self, shapes: dict[str, Sequence[int]]) -> None:
+        for name, shape in shapes.items():
+            param = self._parameters[name]
+            if isinstance(param, nn.UninitializedParameter):
+                param.materialize(tuple(shape))
+        self._sync_dims()
+        with torch.no_grad():
+            self._reset()
+
+    def _sync_dims(self) -> None:
+        """Refresh the size attributes from parameters that got their shape from a state dict."""
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+
+class Dense(_LazyShapes):
+    """Flax ``nn.Dense``: ``y = x @ kernel + bias``; torch ``weight`` is the kernel transposed, [out, in].
+
+    Args:
+        features: output size (None: decided by the owner before the first call, via ``out_features``).
+        in_features: input size (None: taken from the first input).
+        use_bias: as Flax.
+        kernel_init, bias_init: Scenic initialisers from :mod:`tokenlearner_torch.initializers`.
+        dtype: compute dtype (Flax ``dtype``): inputs and parameters are cast to it. None = float32.
+    """
+
+    def __init__(
+        self,
+        features: Optional[int],
+        in_features: Optional[int] = None,
+        *,
+        use_bias: bool = True,
+        kernel_init: Callable[[Tensor, int, int], None] = init.lecun_normal_,
+        bias_init: Callable[[Tensor], None] = init.zeros_,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.out_features = features
+        self.in_features = in_features
+        self.kernel_init = kernel_init
+        self.bias_init = bias_init
+        self.dtype = dtype
+        known = features is not None and in_features is not None
+        self._param("weight", (features, in_features) if known else None)
+        if use_bias:
+            self._param("bias", (features,) if features is not None else None)
+        else:
+            self.register_parameter("bias", None)
+        if not self.is_lazy():
+            self.reset_parameters()
+
+    def _sync_dims(self) -> None:
+        if not isinstance(self.weight, nn.UninitializedParameter):
+            self.out_features, self.in_features = self.weight.shape
+
+    def _reset(self) -> None:
+        self.kernel_init(self.weight, self.in_features, self.out_features)
+        if self.bias is not None:
+            self.bias_init(self.bias)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self._reset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_lazy():
+            out = self.out_features
+            if out is None:
+                raise ShapeError("Dense: the output size was never set (an owner module must set out_features)")
+            self._materialize({"weight": (out, x.shape[-1]), "bias": (out,)})
+        elif x.shape[-1] != self.in_features:
+            raise ShapeError(f"Dense: expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        if self.dtype is not None:
+            bias = None if self.bias is None else self.bias.to(self.dtype)
+            return F.linear(x.to(self.dtype), self.weight.to(self.dtype), bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Conv(_LazyShapes):
+    """Flax ``nn.Conv`` on channels-first tensors: torch weight [out, in, *kernel] (Flax [*kernel, in, out]).
+
+    Only the paddings Scenic uses: ``'SAME'`` with stride 1 and odd kernels (symmetric), and ``'VALID'``.
+    Inputs and outputs are [B, C, *spatial] (torch layout); the owner moves channel-last data in and out.
+    """
+
+    # The hooks that record intermediates compare this module's output in Flax's channel-last layout.
+    channels_first_output = True
+
+    def __init__(
+        self,
+        features: int,
+        kernel_size: Sequence[int],
+        in_channels: Optional[int] = None,
+        *,
+        strides: Optional[Sequence[int]] = None,
+        padding: str = "SAME",
+        use_bias: bool = True,
+        kernel_init: Callable[[Tensor, int, int], None] = init.lecun_normal_,
+        bias_init: Callable[[Tensor], None] = init.zeros_,
+    ) -> None:
+        super().__init__()
+        self.out_channels = features
+        self.in_channels = in_channels
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.strides = tuple(int(s) for s in (strides or (1,) * len(self.kernel_size)))
+        if len(self.kernel_size) not in (2, 3):
+            raise ValueError(f"Conv supports 2-D and 3-D kernels, got kernel_size={self.kernel_size}")
+        if padding == "SAME":
+            if any(s != 1 for s in self.strides) or any(k % 2 == 0 for k in self.kernel_size):
+                raise ValueError("Conv: 'SAME' padding is implemented for stride 1 and odd kernels only")
+            self._padding = tuple(k // 2 for k in self.kernel_size)
+        elif padding == "VALID":
+            self._padding = (0,) * len(self.kernel_size)
+        else:
+            raise ValueError(f"Conv: padding must be 'SAME' or 'VALID', got {padding!r}")
+        self.padding = padding
+        self.kernel_init = kernel_init
+        self.bias_init = bias_init
+        self._param("weight", (features, in_channels, *self.kernel_size) if in_channels is not None else None)
+        if use_bias:
+            self._param("bias", (features,))
+        else:
+            self.register_parameter("bias", None)
+        if not self.is_lazy():
+            self.reset_parameters()
+
+    def _sync_dims(self) -> None:
+        if not isinstance(self.weight, nn.UninitializedParameter):
+            self.in_channels = self.weight.shape[1]
+
+    def _reset(self) -> None:
+        fan_in = self.in_channels * math.prod(self.kernel_size)
+        fan_out = self.out_channels * math.prod(self.kernel_size)
+        self.kernel_init(self.weight, fan_in, fan_out)
+        if self.bias is not None:
+            self.bias_init(self.bias)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self._reset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_lazy():
+            self._materialize({"weight": (self.out_channels, x.shape[1], *self.kernel_size)})
+        conv = F.conv2d if len(self.kernel_size) == 2 else F.conv3d
+        return conv(x, self.weight, self.bias, stride=self.strides, padding=self._padding)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"strides={self.strides}, padding={self.padding!r}, bias={self.bias is not None}"
+        )
+
+
+class LayerNorm(_LazyShapes):
+    """Flax ``nn.LayerNorm`` over the last axis: epsilon 1e-6, learned ``scale`` (torch ``weight``) and bias.
+
+    Numerics: statistics in float32 (at least), output cast to ``dtype`` (Flax ``dtype``, the Encoder1DBlock's
+    compute dtype; None = the input's dtype). See :func:`flax_layer_norm` for the variance formula.
+    """
+
+    def __init__(self, dim: Optional[int] = None, *, epsilon: float = 1e-6, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.dim = dim
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self._param("weight", (dim,) if dim is not None else None)
+        self._param("bias", (dim,) if dim is not None else None)
+        if not self.is_lazy():
+            self.reset_parameters()
+
+    def _sync_dims(self) -> None:
+        if not isinstance(self.weight, nn.UninitializedParameter):
+            self.dim = self.weight.shape[0]
+
+    def _reset(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self._reset()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.is_lazy():
+            self._materialize({"weight": (x.shape[-1],), "bias": (x.shape[-1],)})
+        y = flax_layer_norm(x, self.weight, self.bias, self.epsilon)
+        return y if self.dtype is None else y.to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, epsilon={self.epsilon}"
+
+
+def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the last axis with Flax's numerics (statistics in at least float32)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+
+
+class Identity(nn.Module):
+    """Scenic's ``IdentityLayer``: names an array (``mlp1``, ``mlp2``, ``pre_logits``) for intermediates."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class Dropout(nn.Dropout):
+    """Flax ``nn.Dropout``: active in ``train()`` mode only (Scenic's ``deterministic=False``)."""
+
+
+class StochasticDepth(nn.Module):
+    """Scenic's StochasticDepth: drops the whole example's branch with probability ``rate`` in training."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
+        return x * (mask / keep).to(x.dtype)
+
+
+class MlpBlock(nn.Module):
+    """Scenic ``attention_layers.MlpBlock``: Dense_0 -> gelu -> Dropout -> Dense_1 -> Dropout.
+
+    Shapes: [..., in] -> [..., out_dim or in]. Kernels xavier-uniform, biases N(0, 1e-6) (Scenic's defaults).
+    """
+
+    def __init__(
+        self,
+        mlp_dim: int,
+        out_dim: Optional[int] = None,
+        dropout_rate: float = 0.1,
+        use_bias: bool = True,
+        *,
+        in_dim: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.Dense_0 = Dense(
+            mlp_dim, in_dim, use_bias=use_bias, kernel_init=init.xavier_uniform_, bias_init=init.normal_1e6_, dtype=dtype
+        )
+        self.mlp1 = Identity()
+        self.Dropout_0 = Dropout(dropout_rate)
+        self.Dense_1 = Dense(
+            out_dim if out_dim is not None else in_dim,
+            mlp_dim,
+            use_bias=use_bias,
+            kernel_init=init.xavier_uniform_,
+            bias_init=init.normal_1e6_,
+            dtype=dtype,
+        )
+        self.mlp2 = Identity()
+        self.Dropout_1 = Dropout(dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.Dense_1.out_features is None:
+            # Scenic: out_dim=None means "as wide as the input", known only now.
+            self.Dense_1.out_features = x.shape[-1]
+        x = self.Dropout_0(self.mlp1(gelu(self.Dense_0(x))))
+        return self.Dropout_1(self.mlp2(self.Dense_1(x)))
+
+
+class _HeadsDense(Dense):
+    """A Flax ``DenseGeneral`` of the attention, stored flat as a torch Linear.
+
+    ``query``/``key``/``value``: Flax kernel [in, heads, head_dim], bias [heads, head_dim];
+    ``out``: Flax kernel [heads, head_dim, out], bias [out]. torch keeps [heads*head_dim, in] and
+    [out, heads*head_dim] so that one matmul computes all heads. ``num_heads`` tells the converter how to
+    split the flat dimension.
+    """
+
+    def __init__(self, features: Optional[int], in_features: Optional[int], num_heads: int, dtype=None):
+        super().__init__(features, in_features, kernel_init=init.xavier_uniform_, bias_init=init.zeros_, dtype=dtype)
+        self.num_heads = num_heads
+
+
+class HeadsProjection(_HeadsDense):
+    """Attention ``query``/``key``/``value``: [..., in] -> [..., heads*head_dim]."""
+
+
+class HeadsOutput(_HeadsDense):
+    """Attention ``out``: [..., heads*head_dim] -> [..., out]."""
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Flax ``nn.MultiHeadDotProductAttention`` as Scenic's ViT uses it (self-attention, no mask).
+
+    Shapes: [B, N, C] -> [B, N, C]; qkv_features = out_features = C, head_dim = C / num_heads.
+    Numerics: query scaled by 1/sqrt(head_dim), softmax in the compute dtype, as Flax. Attention dropout is
+    element-wise on the weights (``broadcast_dropout=False``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        dim: Optional[int] = None,
+        dropout_rate: float = 0.0,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout_rate = dropout_rate
+        self.dtype = dtype
+        for name in ("query", "key", "value"):
+            setattr(self, name, HeadsProjection(dim, dim, num_heads, dtype=dtype))
+        self.out = HeadsOutput(dim, dim, num_heads, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        h = self.num_heads
+        if c % h:
+            raise ShapeError(f"MultiHeadDotProductAttention: channels ({c}) must be divisible by num_heads ({h})")
+        for proj in (self.query, self.key, self.value, self.out):
+            if proj.out_features is None:
+                proj.out_features = c
+        q = self.query(x).view(b, n, h, c // h).transpose(1, 2)
+        k = self.key(x).view(b, n, h, c // h).transpose(1, 2)
+        v = self.value(x).view(b, n, h, c // h).transpose(1, 2)
+        p = self.dropout_rate if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(b, n, c))
+
+
+class Encoder1DBlock(nn.Module):
+    """Scenic ``vit.Encoder1DBlock``: pre-LN self-attention and MLP, each with a residual. [B, N, C] -> same.
+
+    ``dtype`` (Scenic ``dtype``): the LayerNorms, attention and MLP compute in it; the residual stream stays
+    float32 because adding a bf16 branch to a float32 input promotes, exactly as in JAX.
+    """
+
+    def __init__(
+        self,
+        mlp_dim: int,
+        num_heads: int,
+        dtype: object = None,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.1,
+        stochastic_depth: float = 0.0,
+        *,
+        dim: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        dt = resolve_dtype(dtype)
+        self.LayerNorm_0 = LayerNorm(dim, dtype=dt)
+        self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
+            num_heads, dim=dim, dropout_rate=attention_dropout_rate, dtype=dt
+        )
+        self.Dropout_0 = Dropout(dropout_rate)
+        self.StochasticDepth_0 = StochasticDepth(stochastic_depth)
+        self.LayerNorm_1 = LayerNorm(dim, dtype=dt)
+        self.MlpBlock_0 = MlpBlock(mlp_dim, dropout_rate=dropout_rate, in_dim=dim, dtype=dt)
+        self.StochasticDepth_1 = StochasticDepth(stochastic_depth)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(inputs))
+        x = self.StochasticDepth_0(self.Dropout_0(x)) + inputs
+        y = self.MlpBlock_0(self.LayerNorm_1(x))
+        return self.StochasticDepth_1(y) + x
+
+
+class AddPositionEmbs(_LazyShapes):
+    """Scenic ``vit.AddPositionEmbs``: adds a learned ``pos_embedding`` [1, N, C], init N(0, 0.02)."""
+
+    def __init__(self, num_positions: Optional[int] = None, dim: Optional[int] = None) -> None:
+        super().__init__()
+        known = num_positions is not None and dim is not None
+        self._param("pos_embedding", (1, num_positions, dim) if known else None)
+        if known:
+            with torch.no_grad():
+                self._reset()
+
+    def _reset(self) -> None:
+        init.normal_(self.pos_embedding, 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 3:
+            raise ShapeError(f"AddPositionEmbs expects [batch, tokens, channels], got shape {tuple(x.shape)}")
+        if self.is_lazy():
+            self._materialize({"pos_embedding": (1, x.shape[1], x.shape[2])})
+        if tuple(self.pos_embedding.shape[1:]) != tuple(x.shape[1:]):
+            raise ShapeError(
+                f"AddPositionEmbs: the position embedding covers {tuple(self.pos_embedding.shape[1:])} "
+                f"(tokens, channels) but the input has {tuple(x.shape[1:])}; the input size must match the "
+                "one the model was built or trained with"
+            )
+        return x + self.pos_embedding

@@ -1,0 +1,422 @@
+"""EncoderMod, EncoderModFuser, TokenLearnerViT and TokenLearnerViTRepresentation, as in Scenic.
+
+Attribute names are Scenic's parameter tree (``Transformer``, ``encoderblock_3``, ``posembed_input``,
+``TokenLearnerModuleV11_0``, ``embedding``, ``pre_logits``, ``output_projection``...), so state_dict keys
+map onto Flax paths mechanically.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import initializers as init
+from .errors import ConfigError, ShapeError
+from .layers import AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, Identity, LayerNorm
+from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
+
+__all__ = ["EncoderMod", "EncoderModFuser", "TokenLearnerViT", "TokenLearnerViTRepresentation"]
+
+TOKENIZER_TYPES = ("patch", "dynamic", "video")
+CLASSIFIERS = ("gap", "gmp", "gsp")
+TEMPORAL_METHODS = ("3d_conv", "temporal_sampling")
+KERNEL_INIT_METHODS = (None, "central_frame_initializer", "average_frame_initializer")
+
+
+def _get(cfg: Any, key: str, default: Any = ..., where: str = "tokenizer") -> Any:
+    """Reads ``key`` from a dict, an ml_collections.ConfigDict or any attribute holder."""
+    if isinstance(cfg, Mapping):
+        if key in cfg:
+            return cfg[key]
+    elif cfg is not None and hasattr(cfg, key):
+        return getattr(cfg, key)
+    if default is ...:
+        raise ConfigError(f"{where} has no '{key}' entry, which is required (got {_describe(cfg)})")
+    return default
+
+
+def _describe(cfg: Any) -> str:
+    if isinstance(cfg, Mapping):
+        return "keys " + ", ".join(sorted(map(str, cfg))) if cfg else "an empty config"
+    return repr(cfg)
+
+
+def _check_choice(value: Any, choices: Sequence[Any], what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+class _Encoder(nn.Module):
+    """What EncoderMod and EncoderModFuser share: position embedding, dropout, blocks, final LayerNorm."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout_rate: float,
+        attention_dropout_rate: float,
+        tokenizer_type: str,
+        temporal_dimensions: int,
+        num_tokens: int,
+        tokenlearner_loc: int,
+        use_v11: bool,
+        dtype: Any,
+        dim: Optional[int],
+    ) -> None:
+        super().__init__()
+        _check_choice(tokenizer_type, TOKENIZER_TYPES, "tokenizer_type")
+        if temporal_dimensions < 1:
+            raise ConfigError(f"temporal_dimensions must be >= 1, got {temporal_dimensions}")
+        self.num_layers = num_layers
+        self.dropout_rate = dropout_rate
+        self.tokenizer_type = tokenizer_type
+        self.temporal_dimensions = temporal_dimensions
+        self.num_tokens = num_tokens
+        self.tokenlearner_loc = tokenlearner_loc
+        self.use_v11 = use_v11
+        self.dtype = dtype
+        self.posembed_input = AddPositionEmbs(None, dim)
+        self.Dropout_0 = Dropout(dropout_rate)
+        for lyr in range(num_layers):
+            block = Encoder1DBlock(mlp_dim, num_heads, dtype, dropout_rate, attention_dropout_rate, dim=dim)
+            self.add_module(f"encoderblock_{lyr}", block)
+        self.encoder_norm = LayerNorm(dim)
+
+    @property
+    def uses_token_learner(self) -> bool:
+        return self.tokenizer_type in ("dynamic", "video")
+
+    def _new_token_learner(self) -> nn.Module:
+        if self.use_v11:
+            return TokenLearnerModuleV11(self.num_tokens, dropout_rate=self.dropout_rate)
+        return TokenLearnerModule(self.num_tokens)
+
+    @property
+    def _tl_name(self) -> str:
+        return "TokenLearnerModuleV11" if self.use_v11 else "TokenLearnerModule"
+
+    def _fold(self, x: Tensor, t: int) -> Tensor:
+        """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame."""
+        n, thw, c = x.shape
+        if thw % t:
+            raise ShapeError(
+                f"{type(self).__name__}: the sequence length {thw} is not divisible by temporal_dimensions={t}"
+            )
+        return x.reshape(n * t, thw // t, c)
+
+    def _start(self, inputs: Tensor) -> Tensor:
+        if inputs.ndim != 3:
+            raise ShapeError(f"{type(self).__name__} expects [batch, tokens, channels], got {tuple(inputs.shape)}")
+        return self.Dropout_0(self.posembed_input(inputs))
+
+
+class EncoderMod(_Encoder):
+    """Scenic ``EncoderMod``: a ViT encoder with one TokenLearner before ``encoderblock_<tokenlearner_loc>``.
+
+    ``forward(inputs [B, T*N, C]) -> [B, T*num_tokens, C]`` (or [B, T*N, C] when no TokenLearner applies:
+    ``tokenizer_type='patch'`` or ``tokenlearner_loc >= num_layers``, as in Scenic). Video inputs are folded
+    to [B*T, N, C] for the TokenLearner (``temporal_dimensions=T``).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.1,
+        tokenizer_type: str = "patch",
+        temporal_dimensions: int = 1,
+        num_tokens: int = 8,
+        tokenlearner_loc: int = 12,
+        use_v11: bool = True,
+        dtype: Any = "float32",
+        *,
+        dim: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, tokenizer_type,
+            temporal_dimensions, num_tokens, tokenlearner_loc, use_v11, dtype, dim,
+        )  # fmt: skip
+        if self.uses_token_learner and 0 <= tokenlearner_loc < num_layers:
+            self.add_module(f"{self._tl_name}_0", self._new_token_learner())
+
+    def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
+        t = temporal_dimensions or self.temporal_dimensions
+        x = self._start(inputs)
+        for lyr in range(self.num_layers):
+            if self.uses_token_learner and lyr == self.tokenlearner_loc:
+                n = x.shape[0]
+                x = getattr(self, f"{self._tl_name}_0")(self._fold(x, t))  # [n*t, S, c]
+                x = x.reshape(n, t * x.shape[1], x.shape[2])
+            x = getattr(self, f"encoderblock_{lyr}")(x)
+        return self.encoder_norm(x)
+
+
+class EncoderModFuser(_Encoder):
+    """Scenic ``EncoderModFuser``: TokenLearner -> block -> TokenFuser (+ residual) at every layer >= loc.
+
+    ``forward(inputs [B, T*N, C]) -> [B, T*N, C]``. Scenic behaviour kept: each such layer gets a fresh
+    TokenLearner and TokenFuser with their default sizes (bottleneck 64, use_normalization=True), named
+    ``TokenLearnerModuleV11_{i}`` / ``TokenFuser_{i}`` with ``i = layer - tokenlearner_loc``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.1,
+        tokenizer_type: str = "patch",
+        temporal_dimensions: int = 1,
+        num_tokens: int = 8,
+        tokenlearner_loc: int = 12,
+        use_v11: bool = True,
+        dtype: Any = "float32",
+        *,
+        dim: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, tokenizer_type,
+            temporal_dimensions, num_tokens, tokenlearner_loc, use_v11, dtype, dim,
+        )  # fmt: skip
+        if self.uses_token_learner:
+            for i in range(num_layers - max(tokenlearner_loc, 0)):
+                self.add_module(f"{self._tl_name}_{i}", self._new_token_learner())
+                self.add_module(f"TokenFuser_{i}", TokenFuser(dropout_rate=dropout_rate))
+
+    def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
+        t = temporal_dimensions or self.temporal_dimensions
+        x = self._start(inputs)
+        for lyr in range(self.num_layers):
+            block = getattr(self, f"encoderblock_{lyr}")
+            if self.uses_token_learner and lyr >= self.tokenlearner_loc:
+                i = lyr - max(self.tokenlearner_loc, 0)  # Flax numbers instances in creation order
+                n, thw, c = x.shape
+                residual = self._fold(x, t)  # [n*t, hw, c]
+                y = getattr(self, f"{self._tl_name}_{i}")(residual)  # [n*t, S, c]
+                s = y.shape[1]
+                y = block(y.reshape(n, t * s, c)).reshape(n * t, s, c)
+                x = (getattr(self, f"TokenFuser_{i}")(y, residual) + residual).reshape(n, thw, c)
+            else:
+                x = block(x)
+        return self.encoder_norm(x)
+
+
+def _patch_size(tokenizer: Any, n: int, who: str) -> tuple[int, ...]:
+    patches = _get(tokenizer, "patches")
+    size = tuple(int(v) for v in _get(patches, "size", where="tokenizer.patches"))
+    if len(size) != n:
+        raise ConfigError(f"{who}: tokenizer.patches.size must have {n} entries, got {list(size)}")
+    return size
+
+
+def sampled_frame_indices(num_frames: int, n_sampled_frames: int) -> np.ndarray:
+    """Scenic's ``sample_frames_uniformly``: round(arange(T/(n+1), T, T/(n+1))), or all frames if n >= T."""
+    if n_sampled_frames < num_frames:
+        start = step = num_frames / (n_sampled_frames + 1)
+    else:
+        start, step = 0, 1
+    # JAX evaluates the arange in float32 (x64 off); numpy with dtype=float32 reproduces its values.
+    idx = np.round(np.arange(start, num_frames, step, dtype=np.float32)).astype(np.int64)
+    return np.minimum(idx, num_frames - 1)
+
+
+class _TokenizerSpec:
+    """The validated tokenizer config of TokenLearnerViT and its patch-embedding convolution."""
+
+    def __init__(self, tokenizer: Any, hidden_size: int, channels_first: bool, who: str) -> None:
+        self.type = _get(tokenizer, "type")
+        _check_choice(self.type, TOKENIZER_TYPES, "tokenizer.type")
+        self.channels_first = channels_first
+        self.method = None
+        if self.type == "video":
+            tec = _get(tokenizer, "temporal_encoding_config")
+            self.method = _get(tec, "method", where="tokenizer.temporal_encoding_config")
+            _check_choice(self.method, TEMPORAL_METHODS, "temporal_encoding_config.method")
+        if self.method == "3d_conv":
+            fh, fw, ft = _patch_size(tokenizer, 3, who)  # Scenic order: [fh, fw, ft]
+            kim = _get(tec, "kernel_init_method", None)
+            _check_choice(kim, KERNEL_INIT_METHODS, "temporal_encoding_config.kernel_init_method")
+            kinit = {
+                None: init.lecun_normal_,
+                "central_frame_initializer": init.central_frame_,
+                "average_frame_initializer": init.average_frame_,
+            }[kim]
+            self.embedding = Conv(hidden_size, (ft, fh, fw), strides=(ft, fh, fw), padding="VALID", kernel_init=kinit)
+        else:
+            fh, fw = _patch_size(tokenizer, 2, who)
+            self.embedding = Conv(hidden_size, (fh, fw), strides=(fh, fw), padding="VALID")
+        if self.method == "temporal_sampling":
+            self.n_sampled_frames = int(
+                _get(tec, "n_sampled_frames", where="tokenizer.temporal_encoding_config (temporal_sampling)")
+            )
+
+
+class TokenLearnerViT(nn.Module):
+    """Scenic ``TokenLearnerViT``: patch embedding -> EncoderMod(Fuser) -> pooling -> head.
+
+    ``forward(x) -> logits [B, num_classes]``, with ``x`` [B, H, W, C] for ``patch``/``dynamic`` tokenizers
+    and [B, T, H, W, C] for ``video`` (``channels_first=True``: [B, C, H, W] / [B, C, T, H, W]).
+    ``tokenizer`` is Scenic's ConfigDict as a dict (or a ConfigDict): type, patches.size, num_tokens,
+    tokenlearner_loc, use_tokenfuse (required), use_v11 (default True), temporal_encoding_config (video).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mlp_dim: int,
+        num_layers: int,
+        num_heads: int,
+        tokenizer: Any,
+        hidden_size: int,
+        representation_size: Optional[int],
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.1,
+        classifier: str = "gap",
+        dtype: Any = "float32",
+        *,
+        channels_first: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_choice(classifier, CLASSIFIERS, "classifier")
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.representation_size = representation_size
+        self.classifier = classifier
+        self.channels_first = channels_first
+        self._tok = _TokenizerSpec(tokenizer, hidden_size, channels_first, "TokenLearnerViT")
+        self.embedding = self._tok.embedding
+        self.Transformer = _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate,
+                                        attention_dropout_rate, dtype, hidden_size)  # fmt: skip
+        if representation_size is not None:
+            self.pre_logits: nn.Module = Dense(representation_size, hidden_size)
+            head_in = representation_size
+        else:
+            self.pre_logits = Identity()
+            head_in = hidden_size
+        self.output_projection = Dense(num_classes, head_in, kernel_init=init.zeros_kernel_)
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, int]:
+        tok = self._tok
+        cf = self.channels_first
+        if tok.type in ("patch", "dynamic"):
+            if x.ndim != 4:
+                layout = "[B, C, H, W]" if cf else "[B, H, W, C]"
+                raise ShapeError(f"TokenLearnerViT ({tok.type} tokenizer) expects {layout}, got {tuple(x.shape)}")
+            t = 1
+            x = x if cf else x.permute(0, 3, 1, 2)
+        else:
+            if x.ndim != 5:
+                layout = "[B, C, T, H, W]" if cf else "[B, T, H, W, C]"
+                raise ShapeError(f"TokenLearnerViT (video tokenizer) expects {layout}, got {tuple(x.shape)}")
+            x = x if cf else x.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W]
+            if tok.method == "temporal_sampling":
+                idx = sampled_frame_indices(x.shape[2], tok.n_sampled_frames)
+                x = x[:, :, torch.as_tensor(idx, device=x.device)]
+                t = x.shape[2]
+                # Scenic stacks the sampled frames along H and embeds them with one 2-D convolution.
+                x = x.reshape(x.shape[0], x.shape[1], t * x.shape[3], x.shape[4])
+        x = self.embedding(x)  # [B, hidden, (t,) gh, gw]
+        if tok.method == "3d_conv":
+            t = x.shape[2]
+        if x.numel() == 0:
+            raise ShapeError("TokenLearnerViT: the input is smaller than one patch; no tokens after embedding")
+        return x.flatten(2).transpose(1, 2), t
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, t = self._embed(x)
+        x = self.Transformer(x, temporal_dimensions=t)
+        if self.classifier == "gap":
+            x = x.mean(dim=1)
+        elif self.classifier == "gmp":
+            x = x.amax(dim=1)
+        else:
+            x = x.sum(dim=1)
+        x = self.pre_logits(x)
+        if self.representation_size is not None:
+            x = torch.tanh(x)
+        return self.output_projection(x)
+
+
+def _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, dtype, dim):
+    use_tokenfuse = _get(tokenizer, "use_tokenfuse")
+    tokenizer_type = _get(tokenizer, "type")
+    uses_tl = tokenizer_type in ("dynamic", "video")
+    # Scenic reads num_tokens / tokenlearner_loc even for 'patch', where they are unused; we only require them
+    # where they matter and fall back to EncoderMod's defaults otherwise.
+    num_tokens = _get(tokenizer, "num_tokens") if uses_tl else _get(tokenizer, "num_tokens", 8)
+    loc = _get(tokenizer, "tokenlearner_loc") if uses_tl else _get(tokenizer, "tokenlearner_loc", 12)
+    cls = EncoderModFuser if use_tokenfuse else EncoderMod
+    return cls(
+        num_layers=num_layers,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        dropout_rate=dropout_rate,
+        attention_dropout_rate=attention_dropout_rate,
+        tokenizer_type=tokenizer_type,
+        num_tokens=num_tokens,
+        tokenlearner_loc=loc,
+        use_v11=_get(tokenizer, "use_v11", True),
+        temporal_dimensions=1,
+        dtype=dtype,
+        dim=dim,
+    )
+
+
+class TokenLearnerViTRepresentation(nn.Module):
+    """Scenic ``TokenLearnerViTRepresentation``: the encoder's tokens, no head.
+
+    ``forward(x [B, H, W, C] or [B, T, H, W, C]) -> [B, tokens, hidden_size]``: frames are embedded one by one
+    by a 2-D patch convolution and concatenated, temporal_dimensions = T. ``target_channel_dim`` and
+    ``use_concat_final`` are accepted and unused, as in Scenic.
+    """
+
+    def __init__(
+        self,
+        mlp_dim: int,
+        num_layers: int,
+        num_heads: int,
+        tokenizer: Any,
+        hidden_size: int,
+        target_channel_dim: int,
+        use_concat_final: bool = False,
+        dropout_rate: float = 0.1,
+        attention_dropout_rate: float = 0.1,
+        dtype: Any = "float32",
+        *,
+        channels_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.target_channel_dim = target_channel_dim
+        self.use_concat_final = use_concat_final
+        self.channels_first = channels_first
+        fh, fw = _patch_size(tokenizer, 2, "TokenLearnerViTRepresentation")
+        self.embedding = Conv(hidden_size, (fh, fw), strides=(fh, fw), padding="VALID")
+        self.Transformer = _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate,
+                                        attention_dropout_rate, dtype, hidden_size)  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        cf = self.channels_first
+        if x.ndim == 5:
+            n, t = (x.shape[0], x.shape[2]) if cf else x.shape[:2]
+            if cf:  # [n, c, t, h, w] -> [n*t, c, h, w]
+                x = x.transpose(1, 2)
+                x = x.reshape(n * t, *x.shape[2:])
+            else:
+                x = x.reshape(n * t, *x.shape[2:]).permute(0, 3, 1, 2)
+        elif x.ndim == 4:
+            n, t = x.shape[0], 1
+            x = x if cf else x.permute(0, 3, 1, 2)
+        else:
+            layout = "[B, C, H, W] or [B, C, T, H, W]" if cf else "[B, H, W, C] or [B, T, H, W, C]"
+            raise ShapeError(f"TokenLearnerViTRepresentation expects {layout}, got {tuple(x.shape)}")
+        x = self.embedding(x)  # [n*t, hidden, gh, gw]
+        x = x.flatten(2).transpose(1, 2).reshape(n, -1, self.hidden_size)
+        return self.Transformer(x, temporal_dimensions=t)

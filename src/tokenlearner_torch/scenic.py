@@ -1,0 +1,80 @@
+"""``from_scenic``: a PyTorch module from a Scenic class name and its constructor kwargs."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from torch import nn
+
+from .errors import ConfigError
+from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock
+from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
+from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
+
+__all__ = ["from_scenic", "SCENIC_CLASSES"]
+
+# Scenic's module path -> the port. Short names are the last component.
+SCENIC_CLASSES: dict[str, type[nn.Module]] = {
+    "scenic.projects.token_learner.model.TokenLearnerModule": TokenLearnerModule,
+    "scenic.projects.token_learner.model.TokenLearnerModuleV11": TokenLearnerModuleV11,
+    "scenic.projects.token_learner.model.TokenFuser": TokenFuser,
+    "scenic.projects.token_learner.model.EncoderMod": EncoderMod,
+    "scenic.projects.token_learner.model.EncoderModFuser": EncoderModFuser,
+    "scenic.projects.token_learner.model.TokenLearnerViT": TokenLearnerViT,
+    "scenic.projects.token_learner.model.TokenLearnerViTRepresentation": TokenLearnerViTRepresentation,
+    "scenic.projects.baselines.vit.Encoder1DBlock": Encoder1DBlock,
+    "scenic.projects.baselines.vit.AddPositionEmbs": AddPositionEmbs,
+    "scenic.model_lib.layers.attention_layers.MlpBlock": MlpBlock,
+}
+_SHORT = {name.rsplit(".", 1)[1]: cls for name, cls in SCENIC_CLASSES.items()}
+# Scenic fields that hold initialisers or functions: not expressible in a config.json, not accepted.
+_SCENIC_ONLY = {"AddPositionEmbs": {"posemb_init"}}
+
+
+def _resolve(scenic_class: str) -> type[nn.Module]:
+    if scenic_class in SCENIC_CLASSES:
+        return SCENIC_CLASSES[scenic_class]
+    if scenic_class in _SHORT:
+        return _SHORT[scenic_class]
+    known = ", ".join(sorted(_SHORT))
+    raise ConfigError(f"unknown Scenic class {scenic_class!r}; expected one of {known} (short or dotted name)")
+
+
+def _scenic_parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    """The constructor parameters that are Scenic fields (keyword-only ones are the port's own extras)."""
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)
+    }
+
+
+def from_scenic(scenic_class: str, constructor_kwargs: Mapping[str, Any]) -> nn.Module:
+    """Builds the port of a Scenic module from its class name and kwargs as a golden ``config.json`` has them.
+
+    ``scenic_class``: short (``'TokenLearnerViT'``) or dotted (``'scenic.projects.token_learner.model.
+    TokenLearnerViT'``). ``constructor_kwargs``: Scenic's fields, with ``tokenizer`` as a nested dict (or an
+    ml_collections ConfigDict) and ``dtype`` as a string (``'float32'``, ``'bfloat16'``).
+
+    The module is returned in ``eval()`` mode, which is Scenic's deterministic mode (``train=False``), so
+    ``model(inputs)`` computes what Scenic's ``apply`` computes; call ``.train()`` for dropout.
+    Its forward takes Scenic's positional inputs: ``model(inputs)``, ``model(inputs, original)``, ``model(x)``.
+    """
+    cls = _resolve(scenic_class)
+    if not isinstance(constructor_kwargs, Mapping):
+        raise ConfigError(f"constructor_kwargs must be a dict, got {type(constructor_kwargs).__name__}")
+    params = _scenic_parameters(cls)
+    unknown = sorted(set(constructor_kwargs) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__}: unknown constructor argument(s) {', '.join(unknown)}; "
+            f"Scenic's fields are {', '.join(params)}"
+        )
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
+    absent = [n for n in required if n not in constructor_kwargs]
+    if absent:
+        raise ConfigError(f"{cls.__name__}: missing required argument(s) {', '.join(absent)}")
+    model = cls(**dict(constructor_kwargs))
+    return model.eval()
