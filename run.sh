@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One entry point for newcomers and CI: sets up a virtual environment (once), then runs a job.
+#   bash run.sh demo   convert a bundled Scenic checkpoint and prove the port equals Scenic on it
+#   bash run.sh test   the whole test suite (what CI runs)
+#   bash run.sh bench  the speed benchmark
+set -euo pipefail
+cd "$(dirname "$0")"
+
+job="${1:-}"
+case "$job" in
+  demo|test|bench) shift ;;
+  *) echo "usage: bash run.sh demo|test|bench [args...]" >&2; exit 2 ;;
+esac
+
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+  # System packages stay visible, so a machine that already has torch/jax (a GPU box) keeps its builds.
+  "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" >/dev/null 2>&1; then
+  # The CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[test]"
+
+case "$job" in
+  demo) python scripts/demo.py "$@" ;;
+  test) python -m pytest -q "$@" ;;
+  bench) python benchmarks/bench_speed.py "$@" ;;
+esac
