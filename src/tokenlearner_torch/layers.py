@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ShapeError
+from . import flax_numerics
 from . import initializers as init
 
 __all__ = [
@@ -290,10 +291,20 @@ class LayerNorm(_LazyShapes):
 
 
 def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last axis with Flax's numerics (statistics in at least float32)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
+    """LayerNorm over the last axis with Flax's numerics (statistics in at least float32).
+
+    Flax's variance formula, E[x²] - E[x]², in XLA's summation order: on inputs whose mean dwarfs their
+    spread this matches Flax to ~1e-6 where ``F.layer_norm`` is 5e-3 away (see ``flax_numerics``).
+    """
+    if x.dtype == torch.float64:  # f64 parity mode: no float32 rounding to reproduce
+        return _flax_formula(x, weight.to(x.dtype), bias.to(x.dtype), eps)
+    return flax_numerics.layer_norm(x, weight, bias, eps)
+
+
+def _flax_formula(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x * x).mean(-1, keepdim=True) - mean * mean).clamp_min(0.0)
+    return (x - mean) * (torch.rsqrt(var + eps) * weight) + bias
 
 
 class Identity(nn.Module):
