@@ -1,8 +1,28 @@
 """Scenic/Flax checkpoints to PyTorch weights and back (installed as ``tokenlearner_torch.weights_convert``).
 
 * :func:`flax_to_torch` / :func:`torch_to_flax`: a Flax ``params`` tree <-> a state dict, one rule per layer kind.
+* :func:`read_checkpoint` / :func:`read_checkpoint_info`: the parameter tree of a checkpoint (no jax needed).
+* :func:`infer_architecture`: the Scenic class and kwargs a parameter tree determines, and what it leaves open.
+* :func:`convert`: a checkpoint to a folder (``model.safetensors`` + ``config.json``), as ``tokenlearner-convert``.
+* :func:`load_pretrained`: such a folder back as a module, loaded strictly.
+* :func:`to_flax_checkpoint`: a module or folder to a Flax msgpack checkpoint Scenic restores (bitwise).
 """
 
+from .convert import ConversionReport, convert
+from .export import to_flax_checkpoint
+from .infer import infer_architecture
 from .mapping import flax_to_torch, torch_to_flax
+from .pretrained import load_pretrained
+from .readers import read_checkpoint, read_checkpoint_info
 
-__all__ = ["flax_to_torch", "torch_to_flax"]
+__all__ = [
+    "flax_to_torch",
+    "torch_to_flax",
+    "read_checkpoint",
+    "read_checkpoint_info",
+    "infer_architecture",
+    "convert",
+    "ConversionReport",
+    "load_pretrained",
+    "to_flax_checkpoint",
+]

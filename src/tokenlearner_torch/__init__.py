@@ -12,10 +12,13 @@ from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerVi
 from .scenic import from_scenic
 from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
+from .weights_convert.pretrained import load_pretrained  # noqa: E402  (needs the modules above)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "from_scenic",
+    "load_pretrained",
     "capture_intermediates",
     "TokenLearnerModule",
     "TokenLearnerModuleV11",

@@ -1,0 +1,184 @@
+"""``tokenlearner-convert``: Scenic/Flax checkpoints to PyTorch folders, and back.
+
+    tokenlearner-convert SRC -o OUT [--config FILE] [--set KEY=VALUE ...] [--num-classes N] [--subtree PATH]
+                         [--step N] [--dtype keep|float32|bfloat16] [--force] [--allow-nonfinite]
+                         [--report FILE] [--verify] [--quiet]
+    tokenlearner-convert --to-flax FOLDER -o FILE_OR_DIR [--step N] [--wrap optax-trainstate|variables|bare]
+
+Exit status: 0 converted, 1 the conversion failed (one line on stderr), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PROG = "tokenlearner-convert"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (no usage dump)
+        raise _UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Convert a Scenic/Flax TokenLearner checkpoint into a PyTorch folder (model.safetensors + "
+        "config.json), or (--to-flax) a converted folder back into a Flax msgpack checkpoint.",
+        epilog="Exit status: 0 ok, 1 conversion failed, 2 usage error.",
+    )
+    p.add_argument("src", metavar="SRC", help="checkpoint file or directory (Flax msgpack, Orbax, .npz); with --to-flax: a converted folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (with --to-flax: the Flax checkpoint file, or a directory for checkpoint_<step>)")
+    p.add_argument("--config", metavar="FILE", help="golden-style config.json, or a Scenic experiment config (.py with get_config() or .json)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="set a constructor field, dotted for nested ones (e.g. tokenizer.tokenlearner_loc=9, classifier=gap); repeatable")
+    p.add_argument("--num-classes", type=int, metavar="N", help="number of classes (with a Scenic experiment config; else checked against the tree)")
+    p.add_argument("--scenic-class", metavar="NAME", help="the Scenic class to build (default: from the config or the tree)")
+    p.add_argument("--subtree", metavar="PATH", help="convert one module's params out of a larger model, e.g. 'TokenLearnerModuleV11_0' or 'a/b'")
+    p.add_argument("--step", type=int, metavar="N", help="the step to read from a checkpoint directory (default: latest); with --to-flax: the step to record")
+    p.add_argument("--dtype", choices=("keep", "float32", "bfloat16"), default="keep", help="keep the source dtype (default) or cast floating-point weights")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert even if weights contain NaN/Inf (they are reported)")
+    p.add_argument("--report", metavar="FILE", help="write the coverage report as JSON")
+    p.add_argument("--verify", action="store_true", help="load the written folder strictly and check it against the source, bit for bit")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--to-flax", action="store_true", help="SRC is a converted folder: write its weights as a Flax msgpack checkpoint")
+    p.add_argument("--wrap", choices=("optax-trainstate", "variables", "bare"), default="optax-trainstate", help="with --to-flax: Scenic TrainState (default), {'params': ...} or the bare tree")
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _verify(out: str, src: str, step: int | None, subtree: str | None, dtype: str) -> str:
+    import numpy as np
+
+    from .mapping import flatten_tree, torch_to_flax
+    from .pretrained import load_pretrained
+    from .readers import read_checkpoint
+
+    model = load_pretrained(out)
+    got = flatten_tree(torch_to_flax(model))
+    if dtype != "keep":
+        return f"verify: loaded strictly ({len(got)} leaves; values cast to {dtype}, bitwise check skipped)"
+    ref = flatten_tree(read_checkpoint(src, step=step, subtree=subtree))
+    bad = [k for k in ref if k not in got or got[k].shape != ref[k].shape or got[k].tobytes() != np.asarray(ref[k]).tobytes()]
+    if bad or set(got) != set(ref):
+        from tokenlearner_torch.errors import ConversionError
+
+        raise ConversionError(f"verify: {len(bad)} leaves differ from the source after loading {out}: {', '.join(bad[:5])}")
+    return f"verify: loaded strictly; all {len(ref)} leaves equal the source bit for bit"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tokenlearner_torch.errors import ConfigError
+
+    if args.to_flax:
+        conflicting = [n for n, v in (("--config", args.config), ("--set", args.sets), ("--subtree", args.subtree), ("--num-classes", args.num_classes)) if v]
+        if conflicting:
+            raise _UsageError(f"--to-flax takes a converted folder; {', '.join(conflicting)} do(es) not apply")
+        from .export import to_flax_checkpoint
+
+        target = Path(args.output)
+        if target.exists() and not target.is_dir() and not args.force:
+            raise ConfigError(f"{target}: already exists (pass --force to replace it)")
+        info = to_flax_checkpoint(args.src, args.output, step=args.step, wrap=args.wrap)
+        if args.report:
+            _write_json(args.report, {"ok": True, **info})
+        if not args.quiet:
+            print(f"wrote {info['path']} (Flax msgpack, {info['wrap']}, {info['leaves']} leaves, step {info['step']}, sha256 {info['sha256'][:16]}...)")
+        return 0
+
+    from .config import parse_set
+    from .convert import ConversionReport, convert
+
+    for item in args.sets:
+        try:
+            parse_set(item)
+        except ConfigError as exc:
+            raise _UsageError(str(exc)) from None
+    if args.num_classes is not None and args.num_classes < 1:
+        raise _UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    rep = ConversionReport()
+    try:
+        convert(
+            args.src, args.output, config=args.config, sets=args.sets, num_classes=args.num_classes,
+            scenic_class=args.scenic_class, subtree=args.subtree, step=args.step, dtype=args.dtype,
+            force=args.force, allow_nonfinite=args.allow_nonfinite, report=rep,
+        )  # fmt: skip
+    except BaseException as exc:
+        if args.report and isinstance(exc, Exception):
+            rep.error = _one_line(exc)
+            try:
+                _write_json(args.report, rep.to_dict())
+            except OSError:
+                pass
+        raise
+    if args.report:
+        _write_json(args.report, rep.to_dict())
+    if not args.quiet:
+        print(rep.summary())
+    if args.verify:
+        msg = _verify(args.output, args.src, args.step, args.subtree, args.dtype)
+        if not args.quiet:
+            print(msg)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 conversion failed, 2 usage error)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{PROG}: usage error: {_one_line(exc)} (see {PROG} --help)", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except _UsageError as exc:
+        print(f"{PROG}: usage error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as exc:  # TokenLearnerError, OSError and anything unexpected: one line, no traceback
+        from tokenlearner_torch.errors import TokenLearnerError
+
+        if isinstance(exc, (TokenLearnerError, OSError)):
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
