@@ -30,20 +30,28 @@ def _reference_platform() -> bool:
 SHIFTED_TOL = 1e-5 if _reference_platform() else 2e-2
 
 
-@pytest.mark.parametrize("c", [64, 100, 192, 768, 1280])
-@pytest.mark.parametrize("mean, std, tol", [(0.0, 1.0, 1e-5), (100.0, 1.0, SHIFTED_TOL), (1.0, 0.01, SHIFTED_TOL)])
-def test_layer_norm_matches_flax(c, mean, std, tol):
+# Both of XLA's paths: its own loops below 4096 elements, YNNPACK's row sums above (flax_numerics).
+SHAPES = [(1, 1), (2, 5), (3, 37), (4, 197)]
+DISTRIBUTIONS = [(0.0, 1.0, 1e-5), (100.0, 1.0, SHIFTED_TOL), (1.0, 0.01, SHIFTED_TOL)]
+
+
+@pytest.mark.parametrize("c", [1, 6, 8, 32, 48, 100, 768, 1280])
+@pytest.mark.parametrize("lead", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_matches_flax(c, lead):
     rng = np.random.default_rng(c)
-    x = rng.normal(mean, std, (3, 37, c)).astype(np.float32)
     scale = (1 + 0.1 * rng.normal(size=c)).astype(np.float32)
     bias = (0.05 * rng.normal(size=c)).astype(np.float32)
-    ref = np.asarray(jax.jit(nn.LayerNorm().apply)({"params": {"scale": scale, "bias": bias}}, x))
+    flax_ln = jax.jit(nn.LayerNorm().apply)
     ln = LayerNorm(c)
     with torch.no_grad():
         ln.weight.copy_(torch.from_numpy(scale))
         ln.bias.copy_(torch.from_numpy(bias))
-        out = ln(torch.from_numpy(x)).numpy()
-    assert np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max())
+    for mean, std, tol in DISTRIBUTIONS:
+        x = rng.normal(mean, std, (*lead, c)).astype(np.float32)
+        ref = np.asarray(flax_ln({"params": {"scale": scale, "bias": bias}}, x))
+        with torch.no_grad():
+            out = ln(torch.from_numpy(x)).numpy()
+        assert np.abs(out - ref).max() <= tol * max(1.0, np.abs(ref).max()), (mean, std)
 
 
 def test_plain_torch_layer_norm_would_not_match():
