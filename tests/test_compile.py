@@ -1,0 +1,76 @@
+"""``torch.compile(fullgraph=True)`` works on the port (no graph breaks) and matches eager."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenlearner_torch as tl
+
+SMALL_VIT = dict(
+    num_classes=10,
+    mlp_dim=64,
+    num_layers=2,
+    num_heads=2,
+    hidden_size=32,
+    representation_size=16,
+    classifier="gap",
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    tokenizer=dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1,
+                   use_tokenfuse=False, use_v11=True),
+)
+
+
+def _randomise(model: torch.nn.Module) -> None:
+    # output_projection is zero-initialised (as in Scenic): make every parameter non-trivial.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def _check_vit(use_tokenfuse: bool, backend: str) -> None:
+    torch.manual_seed(0)
+    kwargs = {**SMALL_VIT, "tokenizer": {**SMALL_VIT["tokenizer"], "use_tokenfuse": use_tokenfuse}}
+    model = tl.from_scenic("TokenLearnerViT", kwargs)
+    x = torch.randn(2, 32, 32, 3)
+    with torch.inference_mode():
+        model(x)  # materialise the lazy parameters before compiling (Flax-style shape inference)
+    _randomise(model)
+    with torch.inference_mode():
+        eager = model(x)
+    torch._dynamo.reset()
+    # fullgraph: a graph break is an error
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    with torch.inference_mode():
+        out = compiled(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_tokenfuse", [False, True])
+def test_fullgraph_capture(use_tokenfuse):
+    """Dynamo captures the whole forward in one graph (aot_eager: no C++ build, a few seconds)."""
+    _check_vit(use_tokenfuse, "aot_eager")
+
+
+@pytest.mark.slow
+def test_fullgraph_inductor():
+    """The real thing: inductor (C++ codegen, ~1-2 min of CPU); covers V1.1, blocks and TokenFuser."""
+    _check_vit(True, "inductor")
+
+
+def test_fullgraph_compile_token_fuser():
+    torch.manual_seed(0)
+    model = tl.from_scenic("TokenFuser", {})
+    inputs, original = torch.randn(2, 4, 32), torch.randn(2, 36, 32)
+    with torch.inference_mode():
+        model(inputs, original)
+    _randomise(model)
+    with torch.inference_mode():
+        eager = model(inputs, original)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.inference_mode():
+        out = compiled(inputs, original)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
