@@ -1,0 +1,230 @@
+"""``tokenlearner-parity``: prove the PyTorch port computes what Scenic computes.
+
+  tokenlearner-parity check CASE_DIR...          stored cases (goldens format) vs the port; no jax needed
+  tokenlearner-parity live CONFIG|CASE_DIR       the Flax reference and the port side by side
+  tokenlearner-parity record CONFIG -o CASE_DIR  write a case of your model with the Flax reference
+
+Exit status: 0 parity holds, 1 parity failure, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+PROG = "tokenlearner-parity"
+MODE_CHOICES = ("f64", "f32", "tf32", "bf16")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UsageError(f"{message} (see {PROG} {self.prog.split(' ', 1)[-1] + ' ' if ' ' in self.prog else ''}--help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{check,live,record}")
+
+    def common(sp: argparse.ArgumentParser, *, json_out: bool = True) -> None:
+        sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the port runs (default cpu)")
+        sp.add_argument("--tol", type=float, default=None, help="override the mode's tolerance (scaled error)")
+        sp.add_argument("--no-grads", action="store_true", help="compare the forward pass only")
+        if json_out:
+            sp.add_argument("--json", metavar="FILE", help="write the report(s) as JSON ('-' for stdout)")
+        sp.add_argument("-v", "--verbose", action="store_true", help="list every tensor, not only the first 40")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print only the summary line(s)")
+
+    c = sub.add_parser("check", help="check stored cases (no jax needed)",
+                       description="The port against stored cases: output, every intermediate, every gradient. "
+                       "A folder holding case folders (e.g. tests/fixtures/goldens) checks them all.")
+    c.add_argument("cases", nargs="+", metavar="CASE_DIR")
+    c.add_argument("--mode", choices=MODE_CHOICES, default=None,
+                   help="precision mode (default: the mode the case was recorded in; f32 for the goldens)")
+    common(c)
+
+    def reference_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", metavar="CONFIG|CASE_DIR",
+                        help="a JSON config (scenic_class, constructor_kwargs, inputs shapes) or a case folder")
+        sp.add_argument("--checkpoint", metavar="PATH", help="Scenic/Flax checkpoint with the weights (default: "
+                        "the case's weights, or random ones)")
+        sp.add_argument("--inputs", metavar="NPZ", help="inputs by name in an .npz (default: random N(0,1))")
+        sp.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                        help="shape of a random input (repeatable); overrides the config's")
+        sp.add_argument("--seed", type=int, default=None, help="seed of random weights/inputs (default: config's or 0)")
+        sp.add_argument("--scenic", choices=("auto", "never"), default="auto",
+                        help="auto: genuine Scenic when importable, else the project's Flax reference")
+
+    lv = sub.add_parser("live", help="run the Flax reference and the port side by side",
+                        description="Runs the Flax reference (genuine Scenic when importable) and the port on the "
+                        "same weights and inputs and compares every tensor.")
+    reference_args(lv)
+    lv.add_argument("--mode", default="f32", choices=MODE_CHOICES + ("all",), help="precision mode (default f32)")
+    lv.add_argument("--no-jit", action="store_true", help="run the Flax reference eagerly")
+    common(lv)
+
+    rc = sub.add_parser("record", help="write a case of your model with the Flax reference",
+                        description="Writes a case folder (goldens format) computed by the Flax reference, to commit "
+                        "and check in CI without jax.")
+    reference_args(rc)
+    rc.add_argument("-o", "--output", required=True, metavar="CASE_DIR", help="the case folder to write")
+    rc.add_argument("--mode", default="f32", choices=MODE_CHOICES,
+                    help="f32 (default), bf16, or f64 (float64 case: check then verifies to 1e-10)")
+    rc.add_argument("--copy-checkpoint", action="store_true", help="copy --checkpoint into CASE_DIR/checkpoint/")
+    rc.add_argument("--force", action="store_true", help="overwrite a non-empty CASE_DIR")
+    rc.add_argument("--check", action="store_true", help="then run `check` on the written case")
+    return p
+
+
+def _shapes(items: Sequence[str]) -> dict[str, list[int]] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            out[name.strip()] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise UsageError(f"--input-shape {item!r}: expected NAME=D0,D1,... (e.g. x=2,32,32,3)") from None
+    return out
+
+
+def _emit(reports: list[Any], args: argparse.Namespace) -> None:
+    for rep in reports:
+        if args.quiet:
+            print(f"{rep.subject}: {rep.summary()}")
+        else:
+            print(rep.to_text(verbose=args.verbose))
+            print()
+    if len(reports) > 1 and not args.quiet:
+        passed = sum(r.passed for r in reports)
+        print(f"{passed} of {len(reports)} passed")
+
+
+def _write_json(reports: list[Any], errors: list[str], args: argparse.Namespace) -> None:
+    if not getattr(args, "json", None):
+        return
+    payload = {
+        "passed": bool(reports) and all(r.passed for r in reports) and not errors,
+        "reports": [r.to_dict() for r in reports],
+        "errors": errors,
+    }
+    text = json.dumps(payload, indent=2, default=str)
+    if args.json == "-":
+        print(text)
+    else:
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as exc:
+            raise UsageError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .api import check_case
+    from .cases import find_cases
+
+    reports, errors = [], []
+    for arg in args.cases:
+        found = find_cases(arg)
+        if not found:
+            errors.append(f"{arg}: not a case folder nor a folder of cases")
+            continue
+        for case in found:
+            try:
+                reports.append(check_case(case, mode=args.mode, device=args.device, tol=args.tol,
+                                          grads=not args.no_grads))
+            except _input_errors() as exc:
+                errors.append(_one_line(exc))
+    _emit(reports, args)
+    for e in errors:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    _write_json(reports, errors, args)
+    if errors:
+        return EXIT_USAGE
+    return EXIT_OK if all(r.passed for r in reports) else EXIT_FAIL
+
+
+def _cmd_live(args: argparse.Namespace) -> int:
+    from .api import live
+
+    modes = list(MODE_CHOICES) if args.mode == "all" else [args.mode]
+    reports = []
+    for mode in modes:
+        reports.append(
+            live(args.config, checkpoint=args.checkpoint, inputs=args.inputs, input_shapes=_shapes(args.input_shape),
+                 mode=mode, device=args.device, seed=args.seed, tol=args.tol, grads=not args.no_grads,
+                 prefer_genuine=args.scenic == "auto", jit=not args.no_jit)
+        )
+    _emit(reports, args)
+    _write_json(reports, [], args)
+    return EXIT_OK if all(r.passed for r in reports) else EXIT_FAIL
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from .api import check_case, record
+
+    if args.copy_checkpoint and not args.checkpoint:
+        raise UsageError("--copy-checkpoint needs --checkpoint")
+    path = record(args.config, args.output, checkpoint=args.checkpoint, inputs=args.inputs,
+                  input_shapes=_shapes(args.input_shape), mode=args.mode, seed=args.seed,
+                  copy_checkpoint=args.copy_checkpoint, overwrite=args.force, prefer_genuine=args.scenic == "auto")
+    files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()))
+    print(f"recorded case {path} (mode {args.mode}): {files}")
+    if args.check:
+        rep = check_case(path, device=args.device, tol=args.tol, grads=not args.no_grads)
+        _emit([rep], args)
+        return EXIT_OK if rep.passed else EXIT_FAIL
+    return EXIT_OK
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from tokenlearner_torch.errors import TokenLearnerError
+
+    from .cases import CaseError
+
+    return (CaseError, TokenLearnerError, ValueError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = text.splitlines()
+    return lines[0] + (f" (+{len(lines) - 1} more lines: {'; '.join(l.strip() for l in lines[1:4])})" if len(lines) > 1 else "")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 pass, 1 parity failure, 2 usage or input error)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        handler = {"check": _cmd_check, "live": _cmd_live, "record": _cmd_record}[args.command]
+        return handler(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - input problems surface as exceptions of many kinds
+        if isinstance(exc, _input_errors()):
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        else:
+            print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

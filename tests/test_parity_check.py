@@ -1,0 +1,197 @@
+"""`tokenlearner-parity check`: every golden passes through the CLI; perturbed copies fail, naming the
+tensor and the module; usage errors exit 2; `check` runs with jax blocked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenlearner_torch.parity.cli import main
+
+GOLDENS = Path(__file__).parent / "fixtures" / "goldens"
+CASES = json.loads((GOLDENS / "index.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_check_passes_on_golden(name, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["check", str(GOLDENS / name), "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS:" in out and "max_abs" in out
+    data = json.loads(report.read_text())
+    assert data["passed"] and not data["errors"]
+    (rep,) = data["reports"]
+    kinds = {t["kind"] for t in rep["tensors"]}
+    assert kinds == {"output", "intermediate", "gradient"}
+    assert rep["mode"] == "f32" and rep["first_diverging_module"] is None
+    assert all(t["verdict"] == "PASS" for t in rep["tensors"])
+    # the vit_* cases carry a Scenic training checkpoint: check loads the weights from it
+    if (GOLDENS / name / "checkpoint").is_dir():
+        assert any("checkpoint/" in n for n in rep["notes"])
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    dst = tmp_path / name
+    shutil.copytree(GOLDENS / name, dst)
+    return dst
+
+
+def _perturb(npz: Path, key: str, delta: float = 1e-2) -> None:
+    data = dict(np.load(npz))
+    arr = data[key].copy()
+    arr.flat[arr.size // 2] += delta
+    data[key] = arr
+    np.savez(npz, **data)
+
+
+def _run_json(args, tmp_path):
+    report = tmp_path / "report.json"
+    code = main([*args, "--json", str(report)])
+    return code, json.loads(report.read_text())
+
+
+def test_perturbed_intermediate_fails_naming_tensor_and_module(tmp_path, capsys):
+    case = _copy("encoder_mod_image", tmp_path)
+    key = "inter/encoderblock_1/MlpBlock_0/Dense_0"
+    _perturb(case / "outputs.npz", key)
+    code, data = _run_json(["check", str(case)], tmp_path)
+    assert code == 1
+    (rep,) = data["reports"]
+    assert rep["first_diverging_module"] == "encoderblock_1/MlpBlock_0/Dense_0"
+    assert rep["first_diverging_tensor"] == key
+    failed = [t["name"] for t in rep["tensors"] if t["verdict"] != "PASS"]
+    assert failed == [key]
+    text = capsys.readouterr().out
+    assert "first diverging module: encoderblock_1/MlpBlock_0/Dense_0" in text
+    assert "FAIL" in text and key in text
+
+
+def test_perturbed_output_fails(tmp_path, capsys):
+    case = _copy("v11_tokens3d", tmp_path)
+    _perturb(case / "outputs.npz", "out")
+    code, data = _run_json(["check", str(case)], tmp_path)
+    assert code == 1
+    (rep,) = data["reports"]
+    assert rep["first_diverging_tensor"] == "out"
+    assert rep["first_diverging_module"] == "(model output)"
+    bad = [t for t in rep["tensors"] if t["verdict"] != "PASS"]
+    assert [t["name"] for t in bad] == ["out"]
+    # where the max is: the perturbed element
+    ref = np.load(case / "outputs.npz")["out"]
+    assert tuple(bad[0]["where"]) == np.unravel_index(ref.size // 2, ref.shape)
+    assert "FAIL: 1 of" in capsys.readouterr().out
+
+
+def test_perturbed_gradient_fails(tmp_path):
+    case = _copy("fuser_norm", tmp_path)
+    key = "params/token_masking/Dense_0/kernel"
+    _perturb(case / "grads.npz", key)
+    code, data = _run_json(["check", str(case)], tmp_path)
+    assert code == 1
+    (rep,) = data["reports"]
+    assert rep["first_diverging_tensor"] == key
+    assert rep["first_diverging_module"] == "token_masking/Dense_0"
+
+
+def test_perturbed_weights_in_checkpoint_fail(tmp_path):
+    """The vit_* cases load their weights from checkpoint/: a different checkpoint shows up."""
+    case = _copy("vit_image_cls", tmp_path)
+    shutil.rmtree(case / "checkpoint")
+    from tokenlearner_torch.weights_convert.readers import read_checkpoint, write_flax_msgpack
+
+    params = read_checkpoint(case / "params.msgpack")
+    params = {k: v for k, v in params.items()}
+    params["pre_logits"] = dict(params["pre_logits"])
+    params["pre_logits"]["bias"] = np.asarray(params["pre_logits"]["bias"]) + 0.5
+    (case / "checkpoint").mkdir()
+    write_flax_msgpack(case / "checkpoint" / "checkpoint_7", params, step=7)
+    code, data = _run_json(["check", str(case), "--no-grads"], tmp_path)
+    assert code == 1
+    assert data["reports"][0]["first_diverging_module"] == "pre_logits"
+
+
+def test_check_a_folder_of_cases_and_quiet(tmp_path, capsys):
+    root = tmp_path / "cases"
+    root.mkdir()
+    for name in ("v1_sum4d", "v1_mean3d"):
+        shutil.copytree(GOLDENS / name, root / name)
+    _perturb(root / "v1_mean3d" / "outputs.npz", "out")
+    assert main(["check", str(root), "-q"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    verdicts = {line.split(" (")[0].rsplit("/", 1)[-1]: line.split("): ", 1)[1][:4] for line in out}
+    assert verdicts == {"v1_mean3d": "FAIL", "v1_sum4d": "PASS"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["check"],
+        ["check", "/no/such/case"],
+        ["check", str(GOLDENS / "v1_sum4d"), "--mode", "nope"],
+        ["check", str(GOLDENS / "v1_sum4d"), "--mode", "bf16"],  # an f32 case cannot be checked in bf16
+        ["check", str(GOLDENS / "v1_sum4d"), "--device", "tpu"],
+        ["frobnicate"],
+        ["record", str(GOLDENS / "v1_sum4d" / "config.json")],  # -o missing
+        ["live", "/no/such/config.json"],
+        ["live", str(GOLDENS / "v1_sum4d"), "--input-shape", "garbage"],
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    if args:
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("tokenlearner-parity: error:")
+        assert "Traceback" not in err
+
+
+def test_broken_case_is_an_input_error(tmp_path, capsys):
+    case = _copy("v1_sum4d", tmp_path)
+    (case / "params.msgpack").write_bytes(b"not msgpack")
+    assert main(["check", str(case)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "params.msgpack" in err
+
+
+def test_wrong_weights_for_the_config_is_an_input_error(tmp_path, capsys):
+    case = _copy("v1_sum4d", tmp_path)
+    cfg = json.loads((case / "config.json").read_text())
+    cfg["constructor_kwargs"]["num_tokens"] = 3
+    (case / "config.json").write_text(json.dumps(cfg))
+    assert main(["check", str(case)]) == 2
+    assert "mis-shaped" in capsys.readouterr().err
+
+
+def test_check_runs_with_jax_blocked(tmp_path):
+    code = (
+        "import sys\n"
+        "for m in ('jax', 'jaxlib', 'flax'):\n"
+        "    sys.modules[m] = None  # any import of them raises ImportError\n"
+        "from tokenlearner_torch.parity.cli import main\n"
+        f"rc = main(['check', {str(GOLDENS / 'vit_image_cls')!r}, {str(GOLDENS / 'fuser_norm')!r}, '-q'])\n"
+        "assert sys.modules['jax'] is None\n"
+        "sys.exit(rc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("PASS") == 2
+
+
+def test_live_without_jax_is_a_usage_error(tmp_path):
+    code = (
+        "import sys\n"
+        "sys.modules['jax'] = None\n"
+        "from tokenlearner_torch.parity.cli import main\n"
+        f"sys.exit(main(['live', {str(GOLDENS / 'v1_sum4d')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pip install" in proc.stderr and "Traceback" not in proc.stderr
