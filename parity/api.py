@@ -172,14 +172,19 @@ def check_case(
     device: str = "cpu",
     tol: float | None = None,
     grads: bool = True,
+    weights: PathLike | None = None,
 ) -> Report:
     """The port against a stored case (goldens format): output, every stored intermediate, every gradient.
 
-    Weights come through the converter: ``checkpoint/`` when the case has one, else ``params.msgpack``.
+    Weights come through the converter: ``checkpoint/`` when the case has one, else ``params.msgpack``;
+    or, with ``weights``, from a folder written by ``tokenlearner-convert`` (``model.safetensors`` and
+    ``config.json``, which must describe the case's model).
     ``mode`` defaults to the mode the case was recorded in (``f32`` for the goldens); it must compute in
     the same dtype (``tf32`` may check an ``f32`` case). Never imports jax.
     """
-    case = load_case(path)
+    case = load_case(path, with_params=weights is None)
+    if weights is not None:
+        case = _with_converted_weights(case, weights)
     device = _check_device(device)
     mode_name = mode or case.mode
     m = get_mode(mode_name)
@@ -189,6 +194,25 @@ def check_case(
             f"(use `live --mode {m.name}` or record the case in that mode)"
         )
     return _check_loaded(case, m, device, tol, grads)
+
+
+def _with_converted_weights(case: Case, folder: PathLike) -> Case:
+    """``case`` with the parameters of a converted folder (read back to a Flax tree, bitwise)."""
+    from dataclasses import replace
+
+    from tokenlearner_torch.errors import TokenLearnerError
+    from tokenlearner_torch.weights_convert import load_pretrained, torch_to_flax
+
+    folder = Path(folder)
+    try:
+        converted = json.loads((folder / "config.json").read_text())
+        model = load_pretrained(folder)
+    except (OSError, ValueError, TokenLearnerError) as exc:
+        raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
+    same_class = converted.get("scenic_class", "").rsplit(".", 1)[-1] == case.scenic_class.rsplit(".", 1)[-1]
+    if not same_class or converted.get("constructor_kwargs") != case.constructor_kwargs:
+        raise CaseError(f"{folder}: its config.json describes another model than the case {case.path}")
+    return replace(case, params=torch_to_flax(model), params_source=f"{folder} (tokenlearner-convert output)")
 
 
 def _check_loaded(case: Case, m: Mode, device: str, tol: float | None, grads: bool) -> Report:

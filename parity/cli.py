@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("cases", nargs="+", metavar="CASE_DIR")
     c.add_argument("--mode", choices=MODE_CHOICES, default=None,
                    help="precision mode (default: the mode the case was recorded in; f32 for the goldens)")
+    c.add_argument("--weights", metavar="FOLDER", help="use the weights of a folder written by "
+                   "tokenlearner-convert instead of the case's own (one case only)")
     common(c)
 
     def reference_args(sp: argparse.ArgumentParser) -> None:
@@ -133,6 +135,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .cases import find_cases
 
     reports, errors = [], []
+    if args.weights and (len(args.cases) != 1 or len(find_cases(args.cases[0])) != 1):
+        raise UsageError("--weights takes exactly one case folder")
     for arg in args.cases:
         found = find_cases(arg)
         if not found:
@@ -141,7 +145,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for case in found:
             try:
                 reports.append(check_case(case, mode=args.mode, device=args.device, tol=args.tol,
-                                          grads=not args.no_grads))
+                                          grads=not args.no_grads, weights=args.weights))
             except _input_errors() as exc:
                 errors.append(_one_line(exc))
     _emit(reports, args)
