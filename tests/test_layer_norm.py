@@ -32,7 +32,9 @@ SHIFTED_TOL = 1e-5 if _reference_platform() else 2e-2
 
 # Both of XLA's paths: its own loops below 4096 elements, YNNPACK's row sums above (flax_numerics).
 SHAPES = [(1, 1), (2, 5), (3, 37), (4, 197)]
-DISTRIBUTIONS = [(0.0, 1.0, 1e-5), (100.0, 1.0, SHIFTED_TOL), (1.0, 0.01, SHIFTED_TOL)]
+# N(1, 1) sits at the boundary where eager mode switches from torch's kernel to the reproduction (mean² = var).
+DISTRIBUTIONS = [(0.0, 1.0, 1e-5), (1.0, 1.0, 1e-5), (3.0, 1.0, 1e-5), (100.0, 1.0, SHIFTED_TOL),
+                 (1.0, 0.01, SHIFTED_TOL)]
 
 
 @pytest.mark.parametrize("c", [1, 6, 8, 32, 48, 100, 768, 1280])
@@ -62,6 +64,15 @@ def test_plain_torch_layer_norm_would_not_match():
                                                              "bias": np.zeros(768, np.float32)}}, x))
     plain = torch.nn.functional.layer_norm(torch.from_numpy(x), (768,), eps=1e-6).numpy()
     assert np.abs(plain - ref).max() > 1e-3
+
+
+def test_compiled_layer_norm_equals_eager():
+    ln = LayerNorm(192)
+    compiled = torch.compile(ln, fullgraph=True, backend="aot_eager")
+    for mean in (0.0, 100.0):
+        x = torch.randn(4, 50, 192) + mean
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), ln(x), rtol=0, atol=2e-6)
 
 
 def test_bfloat16_output_dtype_and_float32_statistics():

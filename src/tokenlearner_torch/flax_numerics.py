@@ -159,9 +159,13 @@ def small_row_sum(v: Tensor, square: bool = False, inner: int | None = None) -> 
     """
     rows, c = v.shape
     if square and 2 <= c <= _WINDOW:  # x*x fused into the reduce and contracted
-        acc = _fma_f32(v[:, 0], v[:, 0], v[:, 1] * v[:, 1])
+        # fma(x, x, acc) through float64: x*x is exact there, so only a float64 sum that lands exactly on a
+        # float32 rounding midpoint could round twice (odds ~2^-29 per step; the exact _fma_f32 would make
+        # this chain ~5x longer, which torch.compile pays for in build time).
+        w = v.double()
+        acc = (w[:, 0] * w[:, 0] + (v[:, 1] * v[:, 1]).double()).float()
         for i in range(2, c):
-            acc = _fma_f32(v[:, i], v[:, i], acc)
+            acc = (w[:, i] * w[:, i] + acc.double()).float()
         inner = rows if inner is None else inner
         n_vec = _vector_rows(inner, c)
         if n_vec:  # rows the vectorizer took: squares rounded, then summed in order
@@ -193,8 +197,7 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     rows = x.reshape(-1, c).float()
     n = rows.shape[0]
     if uses_ynnpack(x.shape):
-        sums = row_sum(torch.cat([rows, rows * rows], 0))
-        total, total_sq = sums[:n], sums[n:]
+        total, total_sq = row_sum(rows), row_sum(rows * rows)
     else:
         batch = [d for d in x.shape[:-1] if d != 1]
         inner = batch[-1] if batch else 1

@@ -291,13 +291,21 @@ class LayerNorm(_LazyShapes):
 
 
 def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last axis with Flax's numerics (statistics in at least float32).
+    """LayerNorm over the last axis with Flax's numerics: statistics in float32, E[x²] - E[x]².
 
-    Flax's variance formula, E[x²] - E[x]², in XLA's summation order: on inputs whose mean dwarfs their
-    spread this matches Flax to ~1e-6 where ``F.layer_norm`` is 5e-3 away (see ``flax_numerics``).
+    Flax's formula loses about log2(1 + mean²/var) bits to cancellation, and which bits depends on XLA's
+    summation order, which ``flax_numerics`` reproduces (to ~1.5e-6 of Flax on any input; 5-10x the cost of
+    ``F.layer_norm`` in eager mode). Where no row has mean² > var, the cancellation is harmless: torch's fused
+    kernel is then within 1.2e-6 of Flax as well (measured: N(1, 1) inputs), so eager mode takes it and
+    falls back to the reproduction only when some row needs it. Compiled graphs always use the
+    reproduction (a data-dependent branch would break the graph; inductor fuses it well).
     """
     if x.dtype == torch.float64:  # f64 parity mode: no float32 rounding to reproduce
         return _flax_formula(x, weight.to(x.dtype), bias.to(x.dtype), eps)
+    if not torch.compiler.is_compiling():
+        out, mean, rstd = torch.native_layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+        if bool((mean * mean * (rstd * rstd) <= 1.0).all()):
+            return out
     return flax_numerics.layer_norm(x, weight, bias, eps)
 
 
