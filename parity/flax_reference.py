@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenlearner_torch.weights_convert.mapping import flatten_tree
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -866,17 +868,6 @@ def _split_inputs(
     return _input_names(module, len(arrays)), arrays
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
 def _capture_filter(module: nn.Module, method_name: str) -> bool:
     """Capture what the goldens hold: every submodule's ``__call__`` output except Dropout layers and
     the top-level module (whose output is ``out``)."""
@@ -890,7 +881,7 @@ def _capture_filter(module: nn.Module, method_name: str) -> bool:
 
 def _flatten_intermediates(tree: Mapping[str, Any], as_float32: bool) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for path, values in _flatten(tree).items():
+    for path, values in flatten_tree(tree).items():
         if not path.endswith("/__call__"):
             continue
         key = path[: -len("/__call__")]
@@ -967,7 +958,7 @@ def reference_grads(
     grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=compiler_options)
     with jax.default_matmul_precision("highest"):
         grad_vars, grad_inputs = grad_fn(variables, arrays, jnp.asarray(cotangent, jnp.float32))
-    grads = {key: np.asarray(value) for key, value in _flatten(grad_vars).items()}
+    grads = {key: np.asarray(value) for key, value in flatten_tree(grad_vars).items()}
     grads.update({f"input/{name}": np.asarray(g) for name, g in zip(names, grad_inputs)})
     return grads
 
@@ -1000,7 +991,7 @@ def reference_outputs(
         (grad_vars, grad_inputs), (out, inter) = grad_fn(
             variables, arrays, jnp.asarray(cotangent, jnp.float32)
         )
-    grads = {key: np.asarray(value) for key, value in _flatten(grad_vars).items()}
+    grads = {key: np.asarray(value) for key, value in flatten_tree(grad_vars).items()}
     grads.update({f"input/{name}": np.asarray(g) for name, g in zip(names, grad_inputs)})
     out = np.asarray(out.astype(jnp.float32) if as_float32 else out)
     return out, _flatten_intermediates(inter, as_float32), grads

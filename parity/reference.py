@@ -11,6 +11,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from tokenlearner_torch.weights_convert.mapping import flatten_tree
+
 from .modes import Mode
 
 __all__ = ["reference_module", "random_params", "run_reference", "reference_name"]
@@ -78,7 +80,7 @@ def random_params(module: Any, inputs: Mapping[str, np.ndarray], call_kwargs: Ma
     import jax
     import jax.numpy as jnp
 
-    from tokenlearner_torch.weights_convert.mapping import flatten_tree, unflatten_tree
+    from tokenlearner_torch.weights_convert.mapping import unflatten_tree
 
     xs = [jnp.asarray(np.asarray(v, np.float32)) for v in inputs.values()]
     shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **call_kwargs), *xs)
@@ -87,17 +89,6 @@ def random_params(module: Any, inputs: Mapping[str, np.ndarray], call_kwargs: Ma
     return unflatten_tree(
         {k: _randomize(k, tuple(v.shape), rng).astype(np.float32) for k, v in sorted(flat.items())}
     )
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def _capture_filter(module: Any, method_name: str) -> bool:
@@ -215,12 +206,12 @@ def run_reference(
             (g_vars, g_inputs), (out, state) = wrap(jax.grad(loss, argnums=(0, 1), has_aux=True))(
                 variables, xs, cast(cotangent)
             )
-            grad_out = {k: _host(v) for k, v in _flatten(dict(g_vars)).items()}
+            grad_out = {k: _host(v) for k, v in flatten_tree(dict(g_vars)).items()}
             grad_out.update({f"input/{n}": _host(g) for n, g in zip(inputs, g_inputs)})
         else:
             out, state = wrap(fwd)(variables, xs)
     inter: dict[str, np.ndarray] = {}
-    for path, values in _flatten(dict(state.get("intermediates", {}))).items():
+    for path, values in flatten_tree(dict(state.get("intermediates", {}))).items():
         if not path.endswith("/__call__"):
             continue
         key = path[: -len("/__call__")]

@@ -92,7 +92,7 @@ def _structurally_zero(config: dict, key: str) -> bool:
 
 
 def _flat_shapes(tree) -> dict[str, list[int]]:
-    return {key: list(value.shape) for key, value in fr._flatten(tree).items()}
+    return {key: list(value.shape) for key, value in fr.flatten_tree(tree).items()}
 
 
 def _init_shapes(module, inputs, call_kwargs) -> dict[str, list[int]]:
@@ -165,7 +165,7 @@ def test_init_zeros_where_scenic_does(case):
     specs = [jax.ShapeDtypeStruct(tuple(i["shape"]), jnp.float32) for i in config["inputs"]]
     # lazy_init skips the forward computation: only the initializers are compiled.
     variables = g["module"].lazy_init(_key(config["seed"]), *specs, **config["call_kwargs"])
-    flat = {k[len("params/"):]: np.asarray(v) for k, v in fr._flatten(variables).items()}
+    flat = {k[len("params/"):]: np.asarray(v) for k, v in fr.flatten_tree(variables).items()}
     zero = sorted(k for k, v in flat.items() if not np.any(v))
     assert zero == sorted(config["scenic_zero_initialized_params"])
     for key, fraction in config.get("scenic_partially_zero_initialized_params", {}).items():

@@ -25,6 +25,7 @@ from torch import nn
 from tokenlearner_torch.errors import CheckpointError, ConfigError, ConversionError
 
 from .mapping import _expected_shape, _flax_rank, _heads_axis, flax_to_torch, leaf_table, torch_to_flax
+from .readers import _fsync_dir
 from .pretrained import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, load_pretrained
 
 __all__ = ["DTYPE_POLICIES", "ConvertedWeights", "convert_leaves", "write_folder", "to_flax_checkpoint", "converter_version"]
@@ -168,19 +169,6 @@ def _prune_empty(tree: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # The output folder
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _disk_error(out: Path, exc: OSError) -> CheckpointError:
