@@ -108,6 +108,11 @@ class _LazyShapes(nn.Module):
     def _reset(self) -> None:
         raise NotImplementedError
 
+    def reset_parameters(self) -> None:
+        """Re-draw the parameters from Scenic's initialisers."""
+        with torch.no_grad():
+            self._reset()
+
 
 class Dense(_LazyShapes):
     """Flax ``nn.Dense``: ``y = x @ kernel + bias``; torch ``weight`` is the kernel transposed, [out, in].
@@ -153,10 +158,6 @@ class Dense(_LazyShapes):
         self.kernel_init(self.weight, self.in_features, self.out_features)
         if self.bias is not None:
             self.bias_init(self.bias)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self._reset()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_lazy():
@@ -234,10 +235,6 @@ class Conv(_LazyShapes):
         if self.bias is not None:
             self.bias_init(self.bias)
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self._reset()
-
     def forward(self, x: Tensor) -> Tensor:
         if self.is_lazy():
             self._materialize({"weight": (self.out_channels, x.shape[1], *self.kernel_size)})
@@ -275,10 +272,6 @@ class LayerNorm(_LazyShapes):
     def _reset(self) -> None:
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self._reset()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.is_lazy():
@@ -490,8 +483,7 @@ class AddPositionEmbs(_LazyShapes):
         known = num_positions is not None and dim is not None
         self._param("pos_embedding", (1, num_positions, dim) if known else None)
         if known:
-            with torch.no_grad():
-                self._reset()
+            self.reset_parameters()
 
     def _reset(self) -> None:
         init.normal_(self.pos_embedding, 0.02)
