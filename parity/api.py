@@ -10,7 +10,6 @@ Every function returns a :class:`~tokenlearner_torch.parity.compare.Report`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,6 +22,7 @@ from .cases import (
     default_call_kwargs,
     input_names_for,
     load_case,
+    load_json,
     write_case,
 )
 from .compare import Report, compare_all
@@ -70,12 +70,7 @@ def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
             case_dir, path = path, path / "config.json"
         elif not path.is_file():
             raise CaseError(f"{path}: no such config file or case folder")
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CaseError(f"{path}: cannot read JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise CaseError(f"{path}: expected a JSON object")
+        config = load_json(path)
     if "scenic_class" not in config:
         raise CaseError("config has no 'scenic_class' (e.g. \"TokenLearnerViT\")")
     kwargs = config.get("constructor_kwargs", {})
@@ -205,10 +200,10 @@ def _with_converted_weights(case: Case, folder: PathLike) -> Case:
 
     folder = Path(folder)
     try:
-        converted = json.loads((folder / "config.json").read_text())
-        model = load_pretrained(folder)
+        model = load_pretrained(folder)  # checks the folder, its config.json and weights
     except (OSError, ValueError, TokenLearnerError) as exc:
         raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
+    converted = load_json(folder / "config.json")
     same_class = converted.get("scenic_class", "").rsplit(".", 1)[-1] == case.scenic_class.rsplit(".", 1)[-1]
     if not same_class or converted.get("constructor_kwargs") != case.constructor_kwargs:
         raise CaseError(f"{folder}: its config.json describes another model than the case {case.path}")

@@ -121,7 +121,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         raise CaseError(f"{path}: cannot read npz file ({exc})") from None
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def load_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -159,7 +159,7 @@ def load_case(path: str | os.PathLike[str], *, with_params: bool = True) -> Case
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise CaseError(f"{path}: not a case folder (missing {', '.join(missing)})")
-    config = _load_json(path / "config.json")
+    config = load_json(path / "config.json")
     if "scenic_class" not in config:
         raise CaseError(f"{path / 'config.json'}: no 'scenic_class'")
     specs = config.get("inputs")
