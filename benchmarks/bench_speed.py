@@ -4,6 +4,7 @@ One command::
 
     python benchmarks/bench_speed.py            # full run (batch 1 and 8, compile, memory): ~15-30 min on 2 cores
     python benchmarks/bench_speed.py --quick    # batch 1 ViTs, fewer repeats: a few minutes
+    python benchmarks/bench_speed.py --device cuda   # the same on the first GPU -> benchmarks/results/gpu.md
 
 For every workload: the port is built with ``from_scenic``; Flax parameters are initialised by the reference
 module (genuine Scenic when importable, else ``parity/flax_reference.py``), every all-zero leaf (biases, the
@@ -25,16 +26,28 @@ forward - RSS just before it: what inference needs beyond weights and input (Lin
 Third-party PyTorch TokenLearners (``tokenlearner-pytorch``, ``robotic-transformer-pytorch``) are timed on the
 module workloads when importable. They compute something different from Scenic (see
 /work/shared/research/ports.md, rows R3 and R4), so no equality check applies and they are marked so.
+
+``--device cuda``: the port, its inputs and the Flax side (jax's GPU backend, params and inputs committed to
+``jax.devices('gpu')[0]``) run on the GPU; every timed call is bracketed by ``torch.cuda.synchronize()``; ViT
+batches 8 and 64, 20 repeats after 3 warm-up rounds; the matmul floor is 8192³. Each row runs at one of two
+precision settings (``--precision``): 'highest' (torch TF32 off for cuBLAS and cuDNN,
+``jax_default_matmul_precision='highest'``: full float32 on both sides) and 'tf32' (TF32 on, 'tensorfloat32'),
+pinned through ``parity.modes`` (modes 'f32' and 'tf32'). Memory: the CUDA caching allocator's peak (port) and
+jax's device ``memory_stats()`` (Flax) instead of RSS, in fresh subprocesses with
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (jax would otherwise take 75% of the GPU at its first use).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import datetime
 import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -51,8 +64,16 @@ sys.path.insert(0, str(ROOT))  # parity/ (the Flax reference) lives at the repos
 
 import tokenlearner_torch as tl  # noqa: E402
 from tokenlearner_torch.weights_convert import flax_to_torch  # noqa: E402
+from parity.modes import MODES, precision as pinned_precision  # noqa: E402
 
 MATMUL_N = 2048
+# On a GPU a 2048³ matmul takes well under a millisecond, so launch overhead and clock ramp-up would set the
+# "peak"; 8192³ (1.1 TFLOP) runs long enough to reach it.
+MATMUL_N_CUDA = 8192
+# --precision name -> parity.modes mode: 'f32' pins TF32 off in torch (cuBLAS, cuDNN) and jax 'highest';
+# 'tf32' pins TF32 on and jax 'tensorfloat32'.
+PRECISIONS = {"highest": "f32", "tf32": "tf32"}
+WARMUP_CUDA = 3  # first GPU calls load kernels, pick cuBLAS algorithms and grow allocator pools
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -113,6 +134,11 @@ def _inputs(spec: dict, batch: int, seed: int = 0) -> list[np.ndarray]:
 # --------------------------------------------------------------------------------------------------------
 # Flax side
 # --------------------------------------------------------------------------------------------------------
+# Params by workload config. They depend on nothing else (batch-1 input, fixed seeds), and B/16's op-by-op
+# init takes 10-20 s, which every row (batch x precision) would otherwise repeat.
+_PARAMS: dict[str, Any] = {}
+
+
 def _flax(spec: dict, xs: list[np.ndarray]):
     """(flax module, randomised params, jitted apply) for one workload."""
     import jax
@@ -121,27 +147,52 @@ def _flax(spec: dict, xs: list[np.ndarray]):
 
     module = build_reference_module(spec["cls"], spec["kwargs"])
     call = dict(spec["call"])
-    with jax.default_matmul_precision("highest"):
-        small = [jnp.asarray(x[:1]) for x in xs]
-        params = module.init(jax.random.PRNGKey(0), *small, **call)["params"]
-    params = jax.tree_util.tree_map(np.asarray, params)
-    rng = np.random.RandomState(1)
-    # Zero-initialised leaves would make the output check trivial (e.g. a zero output_projection).
-    params = jax.tree_util.tree_map(
-        lambda a: (rng.normal(0, 0.02, a.shape).astype(a.dtype) if not np.any(a) else a), params
-    )
+    key = json.dumps([spec["cls"], spec["kwargs"], call], sort_keys=True)
+    if key not in _PARAMS:
+        # Initialised on the CPU backend (the only one on a CPU machine): the params go to numpy right away,
+        # and on a GPU run init's buffers then stay out of the device's peak-memory counter (_cuda_memory).
+        with jax.default_matmul_precision("highest"), jax.default_device(jax.devices("cpu")[0]):
+            small = [jnp.asarray(x[:1]) for x in xs]
+            params = module.init(jax.random.PRNGKey(0), *small, **call)["params"]
+        params = jax.tree_util.tree_map(np.asarray, params)
+        rng = np.random.RandomState(1)
+        # Zero-initialised leaves would make the output check trivial (e.g. a zero output_projection).
+        _PARAMS[key] = jax.tree_util.tree_map(
+            lambda a: (rng.normal(0, 0.02, a.shape).astype(a.dtype) if not np.any(a) else a), params
+        )
+    params = _PARAMS[key]
     jitted = jax.jit(lambda p, *x: module.apply({"params": p}, *x, **call))
     return module, params, jitted, ("genuine Scenic" if genuine_scenic_available() else "parity/flax_reference.py")
 
 
-def _jax_call(jitted, params, xs_j) -> Callable[[], Any]:
+def _jax_inputs(params, xs: list[np.ndarray], cuda: bool):
+    """(params, inputs) for the jitted apply. On cuda both are committed to jax's first GPU once (numpy params
+    would be copied host to device on every call); on cpu they are passed as the CPU benchmark always did."""
+    import jax
+
+    if not cuda:
+        return params, [jax.numpy.asarray(x) for x in xs]
+    gpu = jax.devices("gpu")[0]
+    return jax.device_put(params, gpu), [jax.device_put(x, gpu) for x in xs]
+
+
+def _jax_call(jitted, params, xs_j, matmul_precision: str = "highest") -> Callable[[], Any]:
     import jax
 
     def run():
-        with jax.default_matmul_precision("highest"):
+        with jax.default_matmul_precision(matmul_precision):
             return jitted(params, *xs_j).block_until_ready()
 
     return run
+
+
+def _precision(device: str, prec: str, use_jax: bool = True):
+    """Context pinning ``prec`` on both sides. cuda: parity.modes sets the torch TF32 switches and
+    jax_default_matmul_precision (restored on exit). cpu: nothing to pin (no TF32 on CPU, and XLA CPU computes
+    float32 dots in float32 at any setting), so the CPU run stays exactly what it was."""
+    if device != "cuda":
+        return contextlib.nullcontext({})
+    return pinned_precision(PRECISIONS[prec], use_jax=use_jax)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -167,6 +218,7 @@ def _stub_cfg_module() -> None:
 def third_party(kind: str, xs: list[torch.Tensor]) -> list[tuple[str, Any]]:
     """[(label, callable or error string)] for the third-party modules that have a counterpart of ``kind``."""
     out: list[tuple[str, Any]] = []
+    dev = xs[0].device
     try:
         import tokenlearner_pytorch as tp
     except Exception as e:  # not installed
@@ -182,8 +234,8 @@ def third_party(kind: str, xs: list[torch.Tensor]) -> list[tuple[str, Any]]:
             out.append(("tokenlearner-pytorch TokenLearner", tp))
         else:
             m = tp.TokenLearner(8).eval()
-            for t in m.tokenizers:  # a plain list, not a ModuleList: eval() does not reach them
-                t.eval()
+            for t in m.tokenizers:  # a plain list, not a ModuleList: eval() and to() do not reach them
+                t.eval().to(dev)
             out.append(("tokenlearner-pytorch TokenLearner(8)", lambda: m(xs[0])))
     elif kind == "v11":
         # robotic-transformer-pytorch's TokenLearner is its "1.1" (grouped per-token MLP), channels-first.
@@ -191,7 +243,7 @@ def third_party(kind: str, xs: list[torch.Tensor]) -> list[tuple[str, Any]]:
             out.append(("robotic-transformer-pytorch TokenLearner", rt))
         else:
             c = xs[0].shape[-1]
-            m = rt.TokenLearner(dim=c, num_output_tokens=8).eval()
+            m = rt.TokenLearner(dim=c, num_output_tokens=8).eval().to(dev)
             xcf = xs[0].permute(0, 3, 1, 2).contiguous()
             out.append(("robotic-transformer-pytorch TokenLearner(dim=128, 8)", lambda: m(xcf)))
     elif kind == "fuser":
@@ -201,7 +253,7 @@ def third_party(kind: str, xs: list[torch.Tensor]) -> list[tuple[str, Any]]:
             b, s, c = xs[0].shape
             n = xs[1].shape[1]
             h = int(round(n**0.5))
-            m = tp.TokenFuser(h, h, c, s).eval()
+            m = tp.TokenFuser(h, h, c, s).eval().to(dev)
             orig = xs[1].reshape(b, h, h, c)
             out.append(("tokenlearner-pytorch TokenFuser(14,14,768,8)", lambda: m(xs[0], orig)))
     return out
@@ -225,9 +277,13 @@ def count_flops(model: torch.nn.Module, xs: list[torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _timed(fn: Callable[[], Any], sync: Optional[Callable[[], None]] = None) -> float:
+    if sync is not None:
+        sync()  # start from an idle GPU: work queued earlier must not land in this call's time
     t = time.perf_counter()
     fn()
+    if sync is not None:
+        sync()  # CUDA calls return once launched; the time is to the end of the GPU work
     return time.perf_counter() - t
 
 
@@ -235,10 +291,13 @@ def _scaled_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
 
 
-def memory_child(workload: str, impl: str, batch: int) -> dict:
+def memory_child(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest") -> dict:
     """Runs in a fresh process: activation memory of one forward (see the module docstring)."""
     spec = WORKLOADS[workload]
     xs = _inputs(spec, batch)
+    if device == "cuda":
+        with _precision(device, prec, use_jax=impl == "flax"):
+            return _cuda_memory(spec, impl, xs, prec)
 
     def status(field: str) -> int:
         for line in open("/proc/self/status"):
@@ -271,31 +330,84 @@ def memory_child(workload: str, impl: str, batch: int) -> dict:
     return {"before_mib": before / 2**20, "activation_mib": (peak - before) / 2**20}
 
 
-def measure_memory(workload: str, impl: str, batch: int) -> Optional[float]:
-    if not os.path.exists("/proc/self/clear_refs"):
+def _cuda_memory(spec: dict, impl: str, xs: list[np.ndarray], prec: str) -> dict:
+    """memory_child on the GPU: allocator statistics instead of RSS (RSS does not see device memory). Measured
+    like the CPU path: the first call at this batch after setup, peak during it minus what was in use before."""
+    mib = 2**20
+    if impl == "port":
+        model = _port(spec, None)
+        with torch.inference_mode():
+            model(*[torch.from_numpy(x[:1]) for x in xs])  # materialise lazy parameters on a batch-1 input
+        model.to("cuda")
+        xt = [torch.from_numpy(x).cuda() for x in xs]
+        with torch.inference_mode():
+            model(*[x[:1] for x in xt])  # creates the cuBLAS/cuDNN handles and workspaces: kept, not activations
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            model(*xt)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"before_mib": before / mib, "activation_mib": (peak - before) / mib}
+    import jax
+
+    module, params, jitted, _ = _flax(spec, xs)
+    params, xs_j = _jax_inputs(params, xs, cuda=True)
+    with jax.default_matmul_precision(MODES[PRECISIONS[prec]].jax_matmul_precision):
+        compiled = jitted.lower(params, *xs_j).compile()
+    gpu = jax.devices("gpu")[0]
+    stats = gpu.memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats or "bytes_in_use" not in stats:
+        return {"activation_mib": None, "note": "jax memory_stats() has no peak_bytes_in_use here"}
+    before, peak_before = stats["bytes_in_use"], stats["peak_bytes_in_use"]
+    compiled(params, *xs_j).block_until_ready()
+    peak = gpu.memory_stats()["peak_bytes_in_use"]
+    if peak > peak_before:
+        return {"before_mib": before / mib, "activation_mib": (peak - before) / mib}
+    # jax cannot reset its peak counter: a call that stays below an earlier peak of the process (compile-time
+    # autotuning buffers) only bounds its own peak from above.
+    return {"before_mib": before / mib, "activation_mib": (peak_before - before) / mib, "upper_bound": True}
+
+
+def measure_memory(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest"):
+    """Activation MiB from a fresh subprocess: a float, a string "≤ N" (an upper bound) or None."""
+    cuda = device == "cuda"
+    if not cuda and not os.path.exists("/proc/self/clear_refs"):
         return None
     cmd = [sys.executable, __file__, "--memory-child", workload, impl, str(batch)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if cuda:
+        cmd += ["--device", "cuda", "--precision", prec]
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # else jax takes 75% of the GPU at its first use
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines()[::-1]:
         if line.startswith("{"):
-            return json.loads(line)["activation_mib"]
+            out = json.loads(line)
+            v = out["activation_mib"]
+            if v is None:
+                print(f"  memory for {workload} {impl}: {out.get('note')}", file=sys.stderr)
+            return f"≤ {v:.0f}" if out.get("upper_bound") else v
     print(f"  memory child failed for {workload} {impl}: {res.stderr[-500:]}", file=sys.stderr)
     return None
 
 
-def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, log) -> dict:
-    import jax
-
+def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, log,
+              device: str = "cpu", prec: str = "highest") -> dict:
+    """One table row. On cuda, run it inside ``_precision(device, prec)``."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else None
     xs = _inputs(spec, batch)
     module, params, jitted, ref_name = _flax(spec, xs)
-    model = _port(spec, params)
-    xt = [torch.from_numpy(x) for x in xs]
-    xs_j = [jax.numpy.asarray(x) for x in xs]
-    jax_run = _jax_call(jitted, params, xs_j)
+    model = _port(spec, params).to(device)
+    xt = [torch.from_numpy(x).to(device) for x in xs]
+    params_j, xs_j = _jax_inputs(params, xs, cuda)
+    jax_run = _jax_call(jitted, params_j, xs_j, MODES[PRECISIONS[prec]].jax_matmul_precision)
     ref = np.asarray(jax_run())
     with torch.inference_mode():
-        eager_out = model(*xt).numpy()
-    row: dict[str, Any] = dict(workload=name, batch=batch, reference=ref_name)
+        eager_out = model(*xt).cpu().numpy()
+    row: dict[str, Any] = dict(workload=name, batch=batch, reference=ref_name, precision=prec)
     row["err_eager"] = _scaled_err(eager_out, ref)
     row["flops"] = count_flops(model, xt)
     fns: dict[str, Callable[[], Any]] = {}
@@ -306,11 +418,14 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
 
     fns["eager"] = eager
     if compile_:
+        # A fresh dynamo cache per row: every row recompiles anyway (new model, batch or precision), and a
+        # GPU run's 8+ compiles of one forward would otherwise reach dynamo's recompile limit and run eager.
+        torch._dynamo.reset()
         t0 = time.perf_counter()
         compiled = torch.compile(model, fullgraph=True, dynamic=False)
         try:
             with torch.inference_mode():
-                comp_out = compiled(*xt).numpy()
+                comp_out = compiled(*xt).cpu().numpy()
             row["compile_s"] = time.perf_counter() - t0
             row["err_compiled"] = _scaled_err(comp_out, ref)
 
@@ -322,8 +437,9 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
         except Exception as e:  # report, do not hide
             row["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     fns["flax"] = jax_run
-    a = torch.randn(MATMUL_N, MATMUL_N)
-    bm = torch.randn(MATMUL_N, MATMUL_N)
+    n = MATMUL_N_CUDA if cuda else MATMUL_N
+    a = torch.randn(n, n, device=device)
+    bm = torch.randn(n, n, device=device)
     fns["matmul"] = lambda: torch.mm(a, bm)
     tp = third_party(spec.get("third_party", ""), xt) if spec.get("third_party") else []
     for label, fn in tp:
@@ -335,17 +451,20 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
             fns["tp:" + label] = run_tp
         else:
             row.setdefault("tp_missing", []).append(f"{label}: {fn}")
-    for fn in fns.values():  # warm-up (first calls allocate, jit caches...)
-        fn()
+    for _ in range(WARMUP_CUDA if cuda else 1):  # warm-up (first calls allocate, jit caches...)
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats):
         for k, fn in fns.items():
-            times[k].append(_timed(fn))
+            times[k].append(_timed(fn, sync))
     med = {k: statistics.median(v) for k, v in times.items()}
     row["times"] = med
     row["spread"] = {k: (min(v), max(v)) for k, v in times.items()}
-    row["peak_gflops"] = 2 * MATMUL_N**3 / med["matmul"] / 1e9
-    log(f"  {name} b={batch}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+    row["matmul_n"] = n
+    row["peak_gflops"] = 2 * n**3 / med["matmul"] / 1e9
+    log(f"  {name} b={batch}" + (f" {prec}" if cuda else "") + ": "
+        + ", ".join(f"{k} {v * 1e3:.{3 if cuda else 1}f} ms" for k, v in med.items())
         + f"; err {row['err_eager']:.2e}; {row['flops'] / 1e9:.2f} GFLOP")
     return row
 
@@ -353,11 +472,11 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------
-def _ms(t: Optional[float]) -> str:
-    return "—" if t is None else (f"{t * 1e3:.1f}" if t < 10 else f"{t:.1f} s")
+def _ms(t: Optional[float], digits: int = 1) -> str:
+    return "—" if t is None else (f"{t * 1e3:.{digits}f}" if t < 10 else f"{t:.1f} s")
 
 
-def machine_info() -> str:
+def machine_info(device: str = "cpu", precs: tuple[str, ...] = ("highest",)) -> str:
     import jax
     import flax
 
@@ -370,48 +489,88 @@ def machine_info() -> str:
     except Exception:
         model = platform.processor() or "unknown CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpu = ""
+    if device == "cuda":
+        gpu = (
+            f"- GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}, cuDNN "
+            f"{torch.backends.cudnn.version()}; jax device {jax.devices('gpu')[0].device_kind}\n"
+        )
+        for q in precs:  # the switches actually in force for each precision's rows
+            with _precision(device, q) as settings:
+                gpu += f"- Precision '{q}': " + ", ".join(f"{k}={v}" for k, v in settings.items()) + "\n"
     return (
         f"- Machine: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}; "
         f"load average at start {load:.1f}\n"
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, jax {jax.__version__}, "
+        + gpu
+        + f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, jax {jax.__version__}, "
         f"flax {flax.__version__}, numpy {np.__version__}\n"
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}"
     )
 
 
 def render(rows: list[dict], mem: dict, args, header: str) -> str:
+    cuda = args.device == "cuda"
+    # GPU module calls take tens of microseconds: show ms to 3 decimals there. The precision column is GPU-only.
+    _ms_ = (lambda t: _ms(t, 3)) if cuda else _ms  # noqa: E731
+    pc = (lambda r: f"{r['precision']} | ") if cuda else (lambda r: "")  # noqa: E731
     lines = [header, ""]
     lines.append(
-        "| workload | batch | port eager ms | port compiled ms | Flax jit ms | eager × Flax | compiled × Flax "
+        "| workload | batch | " + ("precision | " if cuda else "")
+        + "port eager ms | port compiled ms | Flax jit ms | eager × Flax | compiled × Flax "
         "| GFLOP | peak matmul GFLOP/s | floor ms | share of floor eager / compiled | max err eager / compiled |"
     )
-    lines.append("|" + "---|" * 12)
+    lines.append("|" + "---|" * (13 if cuda else 12))
     for r in rows:
         t = r["times"]
         e, c, f = t.get("eager"), t.get("compiled"), t.get("flax")
         floor = r["flops"] / (r["peak_gflops"] * 1e9)
         share = f"{floor / e:.0%}" + (f" / {floor / c:.0%}" if c else " / —")
-        comp = _ms(c) if c else ("error: " + r["compiled_error"] if "compiled_error" in r else "—")
+        comp = _ms_(c) if c else ("error: " + r["compiled_error"] if "compiled_error" in r else "—")
         err = f"{r['err_eager']:.1e}" + (f" / {r['err_compiled']:.1e}" if "err_compiled" in r else "")
         lines.append(
-            f"| {r['workload']} | {r['batch']} | {_ms(e)} | {comp} | {_ms(f)} | {f / e:.2f}x | "
+            f"| {r['workload']} | {r['batch']} | {pc(r)}{_ms_(e)} | {comp} | {_ms_(f)} | {f / e:.2f}x | "
             + (f"{f / c:.2f}x" if c else "—")
-            + f" | {r['flops'] / 1e9:.2f} | {r['peak_gflops']:.0f} | {_ms(floor)} | {share} | {err} |"
+            + f" | {r['flops'] / 1e9:.2f} | {r['peak_gflops']:.0f} | {_ms_(floor)} | {share} | {err} |"
         )
         for k, v in t.items():
             if k.startswith("tp:"):
                 lines.append(
-                    f"| ↳ {k[3:]} (**not Scenic's computation**) | {r['batch']} | {_ms(v)} | — | — | "
+                    f"| ↳ {k[3:]} (**not Scenic's computation**) | {r['batch']} | {pc(r)}{_ms_(v)} | — | — | "
                     f"{f / v:.2f}x | — | — | — | — | — | n/a |"
                 )
         for msg in r.get("tp_missing", []):
-            lines.append(f"| ↳ {msg} (not Scenic's computation) | {r['batch']} | — | — | — | — | — | — | — | — | — | — |")
+            lines.append(
+                f"| ↳ {msg} (not Scenic's computation) | {r['batch']} | {pc(r)}"
+                "— | — | — | — | — | — | — | — | — | — |"
+            )
     if mem:
-        lines += ["", "Peak activation memory of one inference call (fresh process; peak RSS during the call minus "
-                  "RSS just before it, MiB):", "", "| workload | batch | port eager | Flax jit |", "|---|---|---|---|"]
+        if cuda:
+            what = (
+                f"fresh process, precision '{args.precs[0]}'; port: `torch.cuda.max_memory_allocated()` during the "
+                "call minus `memory_allocated()` just before it; Flax: the jax device's `memory_stats()`, "
+                "`peak_bytes_in_use` after the call minus `bytes_in_use` before it; MiB. \"≤\": the Flax call "
+                "stayed below an earlier peak of its process (jax cannot reset the counter), so only a bound"
+            )
+        else:
+            what = "fresh process; peak RSS during the call minus RSS just before it, MiB"
+        lines += ["", f"Peak activation memory of one inference call ({what}):", "",
+                  "| workload | batch | port eager | Flax jit |", "|---|---|---|---|"]
         for (w, b), v in mem.items():
-            fmt = lambda x: "—" if x is None else f"{x:.0f}"  # noqa: E731
+            fmt = lambda x: "—" if x is None else (x if isinstance(x, str) else f"{x:.0f}")  # noqa: E731
             lines.append(f"| {w} | {b} | {fmt(v.get('port'))} | {fmt(v.get('flax'))} |")
+    if cuda:
+        lines += [
+            "",
+            f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported, "
+            f"after {WARMUP_CUDA} warm-up rounds. Every timed call is bracketed by `torch.cuda.synchronize()` "
+            "(the Flax call also ends in `block_until_ready()`): a time runs from launch to the end of the GPU "
+            "work. Precision: 'highest' = TF32 off in torch (cuBLAS matmuls, cuDNN convolutions) and "
+            "`jax_default_matmul_precision='highest'`, full float32 on both sides; 'tf32' = TF32 on and "
+            "'tensorfloat32' on both sides (errors of ~1e-3 are expected there). Errors are max|port - Flax| / "
+            "max(1, max|Flax|). Floor = GFLOP / peak matmul rate measured in the same rounds "
+            f"({MATMUL_N_CUDA}³ float32 torch matmul on the GPU, in the row's precision).",
+        ]
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported. "
@@ -423,50 +582,107 @@ def render(rows: list[dict], mem: dict, args, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fail(msg: str) -> None:
+    """One line on stderr and exit status 2 (argparse's usage-error status), not a traceback."""
+    print(f"bench_speed.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="batch 1 for the ViTs, 3 repeats, no batch-1 memory")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: port, Flax (jax GPU backend) and the matmul floor on the first GPU")
+    p.add_argument("--precision", default=None,
+                   help="comma-separated, of highest,tf32 (one row each); tf32 needs cuda. "
+                        "Default: highest,tf32 on cuda, highest on cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 1 for the ViTs (cuda: 8), 3 repeats (cuda: 5), no batch-1 memory")
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (cuda: 20)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-only", default=None, metavar="SUBSTRING",
+                   help="torch.compile only the workloads whose name contains this (compiling B/16 is slow)")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--batches", default=None, help="comma-separated ViT batch sizes (default 1,8; --quick: 1)")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated ViT batch sizes (default 1,8; --quick: 1; cuda: 8,64; cuda --quick: 8)")
     p.add_argument("--only", default=None, help="substring of the workload names to run")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.md"))
+    p.add_argument("--out", default=None, help="default benchmarks/results/cpu.md (cuda: gpu.md)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         w, impl, b = args.memory_child
-        print(json.dumps(memory_child(w, impl, int(b))))
+        print(json.dumps(memory_child(w, impl, int(b), args.device, args.precision or "highest")))
         return
+    cuda = args.device == "cuda"
+    args.precs = tuple((args.precision or ("highest,tf32" if cuda else "highest")).split(","))
+    if any(q not in PRECISIONS for q in args.precs):
+        _fail(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    if not cuda and args.precs != ("highest",):
+        _fail("--precision tf32 needs --device cuda (CPUs have no TF32; XLA CPU computes float32 dots in float32)")
+    if cuda:
+        if not torch.cuda.is_available():
+            _fail(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)")
+        # Before jax creates its GPU client: by default it would reserve 75% of the GPU memory and starve torch.
+        os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        import jax
+
+        try:
+            jax.devices("gpu")
+        except RuntimeError as e:
+            _fail(f"--device cuda: jax {jax.__version__} has no GPU backend ({str(e).splitlines()[0]})")
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
+        args.repeats = (5 if args.quick else 20) if cuda else (3 if args.quick else 7)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / ("gpu.md" if cuda else "cpu.md"))
     torch.manual_seed(0)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    header = machine_info()
+    header = machine_info(args.device, args.precs)
     log(header)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if cuda:  # the options shape a GPU run (batches, precisions, compile subset): record them, less --out
+        title = "# GPU benchmark (latest run)"
+        argv = sys.argv[1:]
+        kept = [a for i, a in enumerate(argv) if not (a.startswith("--out") or (i and argv[i - 1] == "--out"))]
+        command = shlex.join(["python", "benchmarks/bench_speed.py"] + kept)
+    else:
+        title = "# CPU benchmark (latest run)"
+        command = "python benchmarks/bench_speed.py" + (" --quick" if args.quick else "")
+
+    def write(text: str, partial: bool = False) -> None:
+        note = "_Partial: written after each row; the run was still going or was cut off._\n\n" if partial else ""
+        out.write_text(f"{title}\n\n{note}Command: `{command}`\n\n" + text)
+
     rows = []
+    default_batches = ([8] if args.quick else [8, 64]) if cuda else ([1] if args.quick else [1, 8])
     for name, spec in WORKLOADS.items():
         if args.only and args.only not in name:
             continue
         vit = spec["cls"] == "TokenLearnerViT"
-        vit_batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1] if args.quick else [1, 8])
+        vit_batches = [int(b) for b in args.batches.split(",")] if args.batches else default_batches
         batches = vit_batches if vit else [8]
+        compile_ = not args.no_compile and (args.compile_only is None or args.compile_only in name)
         for b in batches:
-            rows.append(bench_one(name, spec, b, args.repeats, not args.no_compile, log))
-            gc.collect()
+            for prec in args.precs:
+                with _precision(args.device, prec):
+                    rows.append(bench_one(name, spec, b, args.repeats, compile_, log, args.device, prec))
+                gc.collect()
+                if cuda:  # GPU runs are time-limited: one cut off keeps its rows (a CPU run leaves cpu.md alone)
+                    write(render(rows, {}, args, header), partial=True)
     mem: dict = {}
     if not args.no_memory:
-        for name, spec in WORKLOADS.items():
-            if args.only and args.only not in name:
-                continue
-            mem[(name, 8)] = {impl: measure_memory(name, impl, 8) for impl in ("port", "flax")}
-            log(f"  memory {name} b=8: {mem[(name, 8)]}")
+        names = [name for name in WORKLOADS if not (args.only and args.only not in name)]
+        jobs = [(name, impl) for name in names for impl in ("port", "flax")]
+        # One child at a time on CPU (RSS peaks and timings of a shared CPU). On cuda each child reads its own
+        # process's allocator counters, so children may overlap; it saves minutes of imports and compiles.
+        with concurrent.futures.ThreadPoolExecutor(4 if cuda else 1) as pool:
+            results = pool.map(lambda job: measure_memory(job[0], job[1], 8, args.device, args.precs[0]), jobs)
+            for (name, impl), value in zip(jobs, results):
+                mem.setdefault((name, 8), {})[impl] = value
+                if impl == "flax":
+                    log(f"  memory {name} b=8: {mem[(name, 8)]}")
     text = render(rows, mem, args, header)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# CPU benchmark (latest run)\n\nCommand: `python benchmarks/bench_speed.py"
-                   + (" --quick" if args.quick else "") + "`\n\n" + text)
+    write(text)
     log(f"written {out}")
 
 

@@ -25,10 +25,14 @@ f32     float32, full-precision matmuls/convs                  1e-4         floa
 tf32    CUDA: TF32 matmuls and convs on both sides             1e-2 (CUDA)  TF32 keeps 10 mantissa bits: ~1e-3
         (JAX 'tensorfloat32', torch TF32 on).                  1e-4 (CPU)   relative per GEMM, accumulating over
         CPU has no TF32: identical to f32.                                  depth. On CPU it is f32.
-bf16    Scenic's ``dtype='bfloat16'`` on both sides: the       3e-2,        bfloat16 keeps 8 mantissa bits
-        encoder blocks (LayerNorm, attention, MLP) compute                  (~4e-3 relative per rounding); both
-        in bfloat16, embedding / TokenLearner / TokenFuser /   grads 1e-1   sides round at the same places but in
-        heads and the output stay float32. Matmuls 'highest'.               different kernels.
+bf16    Scenic's ``dtype='bfloat16'`` on both sides: the       3e-2 (CPU),  bfloat16 keeps 8 mantissa bits
+        encoder blocks (LayerNorm, attention, MLP) compute     5e-2 (CUDA), (~4e-3 relative per rounding); both
+        in bfloat16, embedding / TokenLearner / TokenFuser /   grads x10/3  sides round at the same places but in
+        heads and the output stay float32. Matmuls 'highest'.               different kernels. On an H100 a
+                                                                            LayerNorm of a bf16 block output
+                                                                            reached 3.2e-2 (4 bf16 ulps; outputs
+                                                                            <= 1.5e-2), with XLA's excess
+                                                                            precision on or off alike.
 ======  =====================================================  ===========  ===================================
 """
 
@@ -79,7 +83,7 @@ MODES: dict[str, Mode] = {
         "TF32 matmuls/convs on CUDA (~1e-3 relative per GEMM); on CPU the same as f32",
     ),
     "bf16": Mode(
-        "bf16", "bfloat16", "bfloat16", "float32", False, "highest", False, 3e-2, 3e-2,
+        "bf16", "bfloat16", "bfloat16", "float32", False, "highest", False, 3e-2, 5e-2,
         "Scenic dtype=bfloat16: encoder blocks in bfloat16 (8 mantissa bits)", grad_factor=10 / 3,
     ),
 }

@@ -86,9 +86,12 @@ def _fma_f32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     fd = f.double()
     # the float32 neighbour of f on the side of s; s is a midpoint iff it lies halfway between them
     toward = torch.where(s >= fd, torch.full_like(f, float("inf")), torch.full_like(f, float("-inf")))
-    nb = torch.nextafter(f, toward).double()
+    # nextafter has no derivative (older torch raises in backward), so it sees detached values and the
+    # gradient flows through s: that of a * b + c, as for Flax's fma.
+    nb = torch.nextafter(f.detach(), toward).double()
     midpoint = (s != fd) & ((fd + nb) * 0.5 == s) & (err != 0)
-    nudged = torch.nextafter(s, torch.where(err > 0, s.new_tensor(float("inf")), s.new_tensor(float("-inf"))))
+    sd = s.detach()
+    nudged = torch.nextafter(sd, torch.where(err > 0, s.new_tensor(float("inf")), s.new_tensor(float("-inf")))) + (s - sd)
     return torch.where(midpoint, nudged, s).float()
 
 
