@@ -207,18 +207,22 @@ def test_nonfinite_weights_flagged(tmp_path, capsys):
 
 
 def test_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
-    import safetensors.torch
+    from tokenlearner_torch.weights_convert import writer
 
-    real = safetensors.torch.save_file
+    real = writer._leaf_bytes
+    written = []
 
-    def full_disk(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)  # a file exists when the disk fills up
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(planned, scratch):
+        if len(written) == 3:  # part of model.safetensors is on disk when the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(planned.torch_key)
+        return real(planned, scratch)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(writer, "_leaf_bytes", full_disk)
     g = Golden("vit_image_cls")
     out = tmp_path / "out"
     assert main([str(g.dir / "checkpoint"), "-o", str(out), "--config", str(g.dir / "config.json")]) == 1
+    assert len(written) == 3
     assert "disk full" in _one_line_error(capsys)
     _assert_nothing_left(tmp_path, out)
 

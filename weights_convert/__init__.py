@@ -8,12 +8,23 @@
 * :func:`to_flax_checkpoint`: a module or folder to a Flax msgpack checkpoint Scenic restores (bitwise).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .convert import ConversionReport, convert
-from .export import to_flax_checkpoint
 from .infer import infer_architecture
-from .mapping import flax_to_torch, torch_to_flax
-from .pretrained import load_pretrained
 from .readers import read_checkpoint, read_checkpoint_info
+
+# The names below need torch and are imported on first access (PEP 562): reading a checkpoint needs no
+# torch, and `tokenlearner-convert` imports torch in a background thread while it reads (see convert.py).
+_LAZY = {
+    "flax_to_torch": ".mapping",
+    "torch_to_flax": ".mapping",
+    "load_pretrained": ".pretrained",
+    "to_flax_checkpoint": ".export",
+}
 
 __all__ = [
     "flax_to_torch",
@@ -26,3 +37,21 @@ __all__ = [
     "load_pretrained",
     "to_flax_checkpoint",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .export import to_flax_checkpoint
+    from .mapping import flax_to_torch, torch_to_flax
+    from .pretrained import load_pretrained
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokenlearner_torch.weights_convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,19 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tokenlearner_torch.errors import ConversionError
+from tokenlearner_torch.errors import ConfigError, ConversionError
 
-from .config import resolve_architecture
-from .export import DTYPE_POLICIES, convert_leaves, converter_version, write_folder
-from .pretrained import build_skeleton
+from .layouts import flatten_tree
+from .writer import DTYPE_POLICIES, FORMAT_VERSION, StagedFolder, plan_from_flax
 
-__all__ = ["convert", "ConversionReport"]
+# This module imports no torch: `convert` reads the checkpoint and writes the weights while torch loads in
+# another thread.
+__all__ = ["convert", "ConversionReport", "DTYPE_POLICIES", "converter_version"]
+
+# What the conversion needs once the weights are written: the model skeleton and the strict check (torch).
+_TORCH_MODULES = ("tokenlearner_torch.weights_convert.export", "tokenlearner_torch.weights_convert.pretrained")
+
+
+def converter_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"tokenlearner-torch {version('tokenlearner-torch')}"
+    except Exception:  # not installed as a distribution
+        import tokenlearner_torch
+
+        return f"tokenlearner-torch {getattr(tokenlearner_torch, '__version__', 'unknown')}"
+
+
+class _ImportInBackground:
+    """Import modules in a daemon thread; :meth:`wait` joins it and re-raises what the import raised.
+
+    Importing torch takes 2-3 s on the machines the converter targets, about as long as reading a ViT-B/16
+    checkpoint and writing its weights. Both run meanwhile (the sha256, numpy's copies and file writes release
+    the GIL), which keeps the whole command within the time flax takes to restore the same file. The caller
+    must have imported what it uses while the thread runs (numpy, the readers, the writer), so no import lock
+    is shared with it.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if any(name not in sys.modules for name in names):
+            self._thread = threading.Thread(target=self._run, args=(names,), name="tokenlearner-import", daemon=True)
+            self._thread.start()
+
+    def _run(self, names: Sequence[str]) -> None:
+        try:
+            for name in names:
+                importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self._error = exc
+
+    def wait(self) -> float:
+        """Block until the imports are done; return the seconds spent waiting."""
+        t0 = time.perf_counter()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return time.perf_counter() - t0
 
 
 @dataclass
@@ -112,50 +165,73 @@ def convert(
     raises a :class:`~tokenlearner_torch.errors.TokenLearnerError`, and nothing is written. Pass a
     :class:`ConversionReport` as ``report`` to see what was found even when it raises.
     """
-    from .readers import read_checkpoint_info
+    from .config import resolve_architecture
+    from .readers import read_checkpoint_deferred
 
     rep = report if report is not None else ConversionReport()
     rep.source, rep.dtype_policy, rep.subtree = str(src), dtype, subtree
     rep.converter_version = converter_version()
     rep.nonfinite_allowed = allow_nonfinite
     if dtype not in DTYPE_POLICIES:
-        from tokenlearner_torch.errors import ConfigError
-
         raise ConfigError(f"dtype policy {dtype!r}; expected one of {', '.join(DTYPE_POLICIES)}")
-    t0 = time.perf_counter()
-    params, info = read_checkpoint_info(src, step=step, subtree=subtree)
-    rep.format, rep.layout, rep.step = info.format, info.layout, info.step
-    rep.source_sha256, rep.skipped = info.source_sha256, list(info.skipped)
-    t1 = time.perf_counter()
-    arch = resolve_architecture(params, config=config, sets=sets, num_classes=num_classes, scenic_class=scenic_class)
-    rep.scenic_class, rep.constructor_kwargs = arch.scenic_class, arch.kwargs
-    rep.field_sources, rep.ignored_config_fields = arch.sources, arch.ignored
-    model = build_skeleton(arch.scenic_class, arch.kwargs)
-    t2 = time.perf_counter()
-    weights = convert_leaves(model, params, dtype=dtype)
-    rep.flax_leaves_total, rep.flax_leaves_consumed = weights.leaves_total, weights.leaves_consumed
-    rep.parameters, rep.parameter_bytes = weights.parameters, weights.nbytes
-    rep.source_dtypes, rep.output_dtypes = weights.source_dtypes, weights.output_dtypes
-    rep.nonfinite = weights.nonfinite
-    if weights.nonfinite and not allow_nonfinite:
-        shown = ", ".join(weights.nonfinite[:3]) + (f" and {len(weights.nonfinite) - 3} more" if len(weights.nonfinite) > 3 else "")
-        raise ConversionError(f"{src}: NaN/Inf weights in {len(weights.nonfinite)} leaves ({shown}); pass --allow-nonfinite to convert anyway")
-    t3 = time.perf_counter()
-    metadata = {
-        "source_sha256": info.source_sha256,
-        "source_format": info.format,
-        "source_layout": info.layout,
-        "step": "" if info.step is None else info.step,
-        "converter_version": rep.converter_version,
-        "dtype_policy": dtype,
-        "scenic_class": arch.scenic_class,
-        "source_name": Path(info.path).name,
-        "subtree": subtree or "",
-        "nonfinite_leaves": str(len(weights.nonfinite)),
-    }
-    write_folder(out, weights.tensors, arch.scenic_class, arch.kwargs, metadata, force=force)
-    t4 = time.perf_counter()
+    torch_ready = _ImportInBackground(_TORCH_MODULES)
+    with StagedFolder(out, force=force) as staged, contextlib.ExitStack() as cleanup:
+        t0 = time.perf_counter()
+        # The source's sha256 may still be computing (a thread): it is only needed in the final metadata.
+        params, info, digest = read_checkpoint_deferred(src, step=step, subtree=subtree)
+        cleanup.callback(digest.close)
+        rep.format, rep.layout, rep.step = info.format, info.layout, info.step
+        rep.skipped = list(info.skipped)
+        metadata = {
+            "source_sha256": "0" * 64,  # the header keeps room for the real one
+            "source_format": info.format,
+            "source_layout": info.layout,
+            "step": "" if info.step is None else info.step,
+            "converter_version": rep.converter_version,
+            "dtype_policy": dtype,
+            "scenic_class": "",
+            "source_name": Path(info.path).name,
+            "subtree": subtree or "",
+            "nonfinite_leaves": "0",
+        }
+        t1 = time.perf_counter()
+        # Written from the Flax names alone while torch loads; checked against the real model below.
+        early = plan_from_flax(flatten_tree(params), dtype) if isinstance(params, dict) else None
+        if early is not None and not early.nonfinite:
+            staged.write_weights(early, metadata)
+        t2 = time.perf_counter()
+        waited = torch_ready.wait()
+        from .export import plan_leaves
+        from .pretrained import build_skeleton
+
+        t3 = time.perf_counter()
+        arch = resolve_architecture(params, config=config, sets=sets, num_classes=num_classes, scenic_class=scenic_class)
+        rep.scenic_class, rep.constructor_kwargs = arch.scenic_class, arch.kwargs
+        rep.field_sources, rep.ignored_config_fields = arch.sources, arch.ignored
+        model = build_skeleton(arch.scenic_class, arch.kwargs)
+        plan = plan_leaves(model, params, dtype=dtype, check_nonfinite=early is None)  # strict: raises on any misfit
+        if early is not None:
+            plan.nonfinite = early.nonfinite
+        rep.flax_leaves_total = rep.flax_leaves_consumed = len(plan.leaves)
+        rep.parameters, rep.parameter_bytes = plan.parameters, plan.nbytes
+        rep.source_dtypes, rep.output_dtypes = plan.source_dtypes, plan.output_dtypes
+        rep.nonfinite = plan.nonfinite
+        if plan.nonfinite and not allow_nonfinite:
+            shown = ", ".join(plan.nonfinite[:3]) + (f" and {len(plan.nonfinite) - 3} more" if len(plan.nonfinite) > 3 else "")
+            raise ConversionError(f"{src}: NaN/Inf weights in {len(plan.nonfinite)} leaves ({shown}); pass --allow-nonfinite to convert anyway")
+        t4 = time.perf_counter()
+        rep.source_sha256 = info.source_sha256 = digest.hexdigest()
+        metadata.update(source_sha256=info.source_sha256, scenic_class=arch.scenic_class, nonfinite_leaves=str(len(plan.nonfinite)))
+        written = early is not None and not early.nonfinite and early.same_layout(plan) and staged.set_metadata(metadata)
+        if not written:
+            staged.write_weights(plan, metadata)
+        staged.commit({"scenic_class": arch.scenic_class, "constructor_kwargs": dict(arch.kwargs), "format_version": FORMAT_VERSION})
+        t5 = time.perf_counter()
     rep.output = str(out)
     rep.ok = True
-    rep.seconds = {"read": t1 - t0, "resolve": t2 - t1, "convert": t3 - t2, "write": t4 - t3}
+    # "torch_import_wait" is start-up (torch still loading after the weights were written), not the
+    # conversion's own work. "write" includes putting the leaves in torch layout, which happens as they are
+    # written; "finish" the source hash (if still running), metadata, config.json, fsync and rename (and a
+    # rewrite if the early write did not match the model).
+    rep.seconds = {"read": t1 - t0, "write": t2 - t1, "torch_import_wait": waited, "resolve": t4 - t3, "finish": t5 - t4}
     return rep

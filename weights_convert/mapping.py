@@ -9,7 +9,7 @@ so nothing is converted by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -25,93 +25,22 @@ from tokenlearner_torch.layers import (
     LayerNorm,
 )
 
-__all__ = ["flax_to_torch", "torch_to_flax", "LAYOUT_RULES", "leaf_table", "flatten_tree", "unflatten_tree"]
+from .layouts import KIND_RULES, LeafRule, flatten_tree, rule_from_flax, unflatten_tree
+
+__all__ = ["flax_to_torch", "torch_to_flax", "LAYOUT_RULES", "leaf_table", "rule_from_flax", "flatten_tree", "unflatten_tree"]
 
 FlaxTree = dict  # nested dicts of numpy arrays
 
 
-@dataclass(frozen=True)
-class LeafRule:
-    """How one torch parameter of a layer kind relates to its Flax leaf.
-
-    ``to_torch(array, module)`` and ``to_flax(array, module)`` act on numpy arrays and are exact inverses
-    (pure transposes/reshapes: bitwise round trip).
-    """
-
-    torch_name: str
-    flax_name: str
-    to_torch: Callable[[np.ndarray, nn.Module], np.ndarray]
-    to_flax: Callable[[np.ndarray, nn.Module], np.ndarray]
-
-
-def _same(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    return a
-
-
-def _t(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    return a.T
-
-
-def _conv_to_torch(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    # Flax [*kernel, in, out] -> torch [out, in, *kernel]
-    n = a.ndim
-    return a.transpose(n - 1, n - 2, *range(n - 2))
-
-
-def _conv_to_flax(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    n = a.ndim
-    return a.transpose(*range(2, n), 1, 0)
-
-
-def _heads_in_to_torch(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    # kernel [C, H, D] -> weight [H*D, C]
-    return a.reshape(a.shape[0], -1).T
-
-
-def _heads_in_to_flax(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    h = m.num_heads
-    return a.T.reshape(a.shape[1], h, a.shape[0] // h)
-
-
-def _heads_bias_to_torch(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    return a.reshape(-1)  # [H, D] -> [H*D]
-
-
-def _heads_bias_to_flax(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    h = m.num_heads
-    return a.reshape(h, a.shape[0] // h)
-
-
-def _heads_out_to_torch(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    # kernel [H, D, C] -> weight [C, H*D]
-    return a.reshape(-1, a.shape[-1]).T
-
-
-def _heads_out_to_flax(a: np.ndarray, m: nn.Module) -> np.ndarray:
-    h = m.num_heads
-    return a.T.reshape(h, a.shape[1] // h, a.shape[0])
-
-
-# The one exhaustive table of layout transforms, most specific class first.
+# The one exhaustive table of layout transforms: which layout kind (weights_convert/layouts.py) each
+# module class has, most specific class first.
 LAYOUT_RULES: list[tuple[type, tuple[LeafRule, ...]]] = [
-    (
-        HeadsProjection,  # attention query/key/value (Flax DenseGeneral)
-        (
-            LeafRule("weight", "kernel", _heads_in_to_torch, _heads_in_to_flax),
-            LeafRule("bias", "bias", _heads_bias_to_torch, _heads_bias_to_flax),
-        ),
-    ),
-    (
-        HeadsOutput,  # attention out (Flax DenseGeneral over two axes)
-        (
-            LeafRule("weight", "kernel", _heads_out_to_torch, _heads_out_to_flax),
-            LeafRule("bias", "bias", _same, _same),
-        ),
-    ),
-    (Dense, (LeafRule("weight", "kernel", _t, _t), LeafRule("bias", "bias", _same, _same))),
-    (Conv, (LeafRule("weight", "kernel", _conv_to_torch, _conv_to_flax), LeafRule("bias", "bias", _same, _same))),
-    (LayerNorm, (LeafRule("weight", "scale", _same, _same), LeafRule("bias", "bias", _same, _same))),
-    (AddPositionEmbs, (LeafRule("pos_embedding", "pos_embedding", _same, _same),)),
+    (HeadsProjection, KIND_RULES["attention_projection"]),  # attention query/key/value (Flax DenseGeneral)
+    (HeadsOutput, KIND_RULES["attention_output"]),  # attention out (Flax DenseGeneral over two axes)
+    (Dense, KIND_RULES["dense"]),
+    (Conv, KIND_RULES["conv"]),
+    (LayerNorm, KIND_RULES["layer_norm"]),
+    (AddPositionEmbs, KIND_RULES["position_embedding"]),
 ]
 
 
@@ -154,30 +83,6 @@ def leaf_table(model: nn.Module) -> list[Leaf]:
             flax_path = "/".join([*name.split("."), by_name[pname].flax_name]) if name else by_name[pname].flax_name
             leaves.append(Leaf(torch_key, flax_path, module, by_name[pname]))
     return leaves
-
-
-def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {'a/b/c': leaf}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten_tree(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten_tree(flat: Mapping[str, Any]) -> dict:
-    """{'a/b/c': leaf} -> nested dicts."""
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return tree
 
 
 def _to_numpy(t: Tensor) -> np.ndarray:

@@ -15,9 +15,7 @@ from tokenlearner_torch.errors import CheckpointError, ConversionError, TokenLea
 
 __all__ = ["load_pretrained", "build_skeleton", "read_folder_config", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+from .writer import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: E402
 
 
 class _SkipInit(TorchFunctionMode):

@@ -15,16 +15,17 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
 import struct
+import threading
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Protocol
 
-import msgpack
 import numpy as np
 
 from tokenlearner_torch.errors import CheckpointError
@@ -85,7 +86,7 @@ class _RawState:
 
     top: dict[str, Any]
     skipped: list[str]
-    sha256: str
+    sha256: _Digest
     format: str
     resolve: Callable[[str, Any], np.ndarray | None] | None = None
 
@@ -107,13 +108,31 @@ def read_checkpoint(path: str | os.PathLike[str], step: int | None = None, subtr
     step unless ``step`` is given) or an Orbax directory. ``subtree='a/b'`` returns
     ``params['a']['b']``. Arrays decoded from msgpack are read-only views; copy before mutating.
     """
-    return read_checkpoint_info(path, step=step, subtree=subtree)[0]
+    params, _, digest = read_checkpoint_deferred(path, step=step, subtree=subtree)
+    digest.close()  # nobody asked for the sha256
+    return params
 
 
 def read_checkpoint_info(
     path: str | os.PathLike[str], step: int | None = None, subtree: str | None = None
 ) -> tuple[dict[str, Any], CheckpointInfo]:
     """Return ``(params, info)``: the tree of :func:`read_checkpoint` and a :class:`CheckpointInfo`."""
+    params, info, digest = read_checkpoint_deferred(path, step=step, subtree=subtree)
+    try:
+        info.source_sha256 = digest.hexdigest()
+    finally:
+        digest.close()
+    return params, info
+
+
+def read_checkpoint_deferred(
+    path: str | os.PathLike[str], step: int | None = None, subtree: str | None = None
+) -> tuple[dict[str, Any], CheckpointInfo, _Digest]:
+    """:func:`read_checkpoint_info`, but the sha256 of a msgpack file may still be computing.
+
+    ``info.source_sha256`` is empty; ``digest.hexdigest()`` waits for it, ``digest.close()`` stops it
+    (call it on every path: the converter writes the weights while the hash runs).
+    """
     source = Path(path)
     if not source.exists():
         raise _fail(source, "no such file or directory (expected a checkpoint file or directory)")
@@ -121,26 +140,30 @@ def read_checkpoint_info(
     raw = _read_source(target)
     if from_listing and raw.format in ("flax-msgpack", "flax-bytes"):
         raw.format = "flax-msgpack-dir"
-    params, layout, skipped = _select_params(raw, target)
-    content_step = _content_step(raw, target)
-    if subtree:
-        params = _select_subtree(params, subtree, target)
     try:
-        params = msgpack_io.finalize_params(params, subtree.strip("/") if subtree else "", 0, raw.resolve)
-    except DecodeError as exc:
-        raise _fail(target, str(exc)) from None
-    if not isinstance(params, dict):
-        what = f"subtree '{subtree}'" if subtree else "the parameter entry"
-        raise _fail(target, f"{what} is an array, not a tree (expected a dict of arrays)")
+        params, layout, skipped = _select_params(raw, target)
+        content_step = _content_step(raw, target)
+        if subtree:
+            params = _select_subtree(params, subtree, target)
+        try:
+            params = msgpack_io.finalize_params(params, subtree.strip("/") if subtree else "", 0, raw.resolve)
+        except DecodeError as exc:
+            raise _fail(target, str(exc)) from None
+        if not isinstance(params, dict):
+            what = f"subtree '{subtree}'" if subtree else "the parameter entry"
+            raise _fail(target, f"{what} is an array, not a tree (expected a dict of arrays)")
+    except BaseException:
+        raw.sha256.close()
+        raise
     info = CheckpointInfo(
         format=raw.format,
         layout=layout,
         step=content_step if content_step is not None else name_step,
-        source_sha256=raw.sha256,
+        source_sha256="",
         skipped=skipped,
         path=str(target),
     )
-    return params, info
+    return params, info, raw.sha256
 
 
 def find_nonfinite(params: Any, _prefix: str = "") -> list[str]:
@@ -342,84 +365,138 @@ def _sniff(head: bytes, path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class _HashingReader:
-    """A read-only file wrapper that hashes every byte handed to the msgpack unpacker."""
+class _Digest(Protocol):
+    """A sha256 that may still be computing: ``hexdigest()`` waits for it, ``close()`` abandons it."""
 
-    def __init__(self, fp: BinaryIO) -> None:
-        self._fp = fp
-        self.sha = hashlib.sha256()
+    def hexdigest(self) -> str: ...
 
-    def read(self, size: int = -1) -> bytes:
-        """Read from the file and add the bytes to the hash."""
-        data = self._fp.read(size)
-        self.sha.update(data)
-        return data
+    def close(self) -> None: ...
+
+
+class _Done:
+    """A sha256 already computed."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def hexdigest(self) -> str:
+        return self._value
+
+    def close(self) -> None:
+        pass
+
+
+class _FileHasher:
+    """sha256 of a file, computed in a second thread while the caller decodes it.
+
+    The thread hashes its own read-only memory map of the file, one window at a time: each window is one
+    C call that releases the GIL (few hand-offs, so hashing a 1 GB checkpoint overlaps the decoding and the
+    import of torch instead of queueing behind them), and the window's pages are unmapped once hashed, so
+    the hash adds one window to the resident memory, not the whole file.
+    """
+
+    _WINDOW = 32 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._sha = hashlib.sha256()
+        self._stop = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._hash, name="tokenlearner-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        try:
+            with open(self._path, "rb") as fp, mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                for start in range(0, len(mapped), self._WINDOW):
+                    if self._stop.is_set():
+                        return
+                    end = min(len(mapped), start + self._WINDOW)
+                    with memoryview(mapped)[start:end] as window:
+                        self._sha.update(window)
+                    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError) as exc:
+            self._error = OSError(f"cannot hash {self._path}: {exc}")
+
+    def close(self) -> None:
+        """Stop hashing (idempotent); for error paths."""
+        self._stop.set()
+        self._thread.join()
+
+    def hexdigest(self) -> str:
+        """Wait for the whole file to be hashed; return the hex digest."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._sha.hexdigest()
 
 
 def _read_msgpack_file(path: Path) -> _RawState:
-    """Stream-decode a Flax msgpack file, skipping optimizer state and other non-parameter entries."""
+    """Decode a Flax msgpack file through a read-only memory map, skipping optimizer state.
+
+    Arrays are views of the mapped file (no copy; the pages of skipped entries are never touched).
+    """
     size = path.stat().st_size
-    with open(path, "rb") as fp:
-        if size == 0:
-            raise _fail(path, "file is empty (expected a Flax msgpack checkpoint)")
-        reader = _HashingReader(fp)
-        unpacker = msgpack_io.make_unpacker(reader, size)
+    if size == 0:
+        raise _fail(path, "file is empty (expected a Flax msgpack checkpoint)")
+    hasher = _FileHasher(path)
+    try:
+        with open(path, "rb") as fp:
+            try:
+                mapped = mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise _fail(path, f"cannot be memory-mapped ({exc}); expected a regular file") from None
+        decoder = msgpack_io.MappedDecoder(memoryview(mapped))
         try:
-            top, skipped = _stream_top(unpacker)
-            consumed = unpacker.tell()
+            top, skipped = _stream_top(decoder)
         except DecodeError as exc:
             raise _fail(path, str(exc)) from None
-        except msgpack.OutOfData:
-            raise _fail(path, f"file is truncated or a length field is corrupt (ended early; {size} bytes, expected a complete msgpack map)") from None
-        except (msgpack.UnpackException, ValueError, TypeError, OverflowError, RecursionError) as exc:
-            raise _fail(path, f"corrupt msgpack data ({type(exc).__name__}: {str(exc)[:80]}; expected a Flax msgpack checkpoint)") from None
-        if consumed != size:
-            raise _fail(path, f"{size - consumed} unexpected bytes after the end of the checkpoint data (expected one msgpack map)")
-        reader.sha.update(fp.read())  # nothing is left; keeps the hash honest if that ever changes
-    return _RawState(top=top, skipped=skipped, sha256=reader.sha.hexdigest(), format="flax-msgpack")
+        except RecursionError:
+            raise _fail(path, "corrupt msgpack data (nested too deeply; expected a Flax msgpack checkpoint)") from None
+        if decoder.pos != size:
+            raise _fail(path, f"{size - decoder.pos} unexpected bytes after the end of the checkpoint data (expected one msgpack map)")
+    except BaseException:
+        hasher.close()
+        raise
+    return _RawState(top=top, skipped=skipped, sha256=hasher, format="flax-msgpack")
 
 
-def _read_key(unpacker: msgpack.Unpacker) -> str:
+def _read_key(decoder: msgpack_io.MappedDecoder) -> str:
     """Read one map key and require it to be a str (Flax state dicts only have str keys)."""
-    key = unpacker.unpack()
+    key = decoder.unpack()
     if not isinstance(key, str):
         raise DecodeError(f"top-level key {key!r:.40} is a {type(key).__name__} (expected str)")
     return key
 
 
-def _stream_top(unpacker: msgpack.Unpacker) -> tuple[dict[str, Any], list[str]]:
+def _stream_top(decoder: msgpack_io.MappedDecoder) -> tuple[dict[str, Any], list[str]]:
     """Decode the top-level map, skipping (without decoding) the train-state entries that are not params."""
-    try:
-        count = unpacker.read_map_header()
-    except ValueError:
-        raise DecodeError("the top-level msgpack object is not a map (expected a Flax state dict)") from None
+    count = decoder.map_header("the top-level msgpack object is not a map (expected a Flax state dict)")
     top: dict[str, Any] = {}
     skipped: list[str] = []
     for _ in range(count):
-        key = _read_key(unpacker)
+        key = _read_key(decoder)
         if key in TRAINSTATE_EXTRAS:
-            unpacker.skip()
+            decoder.skip()
             skipped.append(key)
         elif key in OPTIMIZER_KEYS:
-            top[key] = _stream_optimizer(unpacker, key, skipped)
+            top[key] = _stream_optimizer(decoder, key, skipped)
         else:
-            top[key] = unpacker.unpack()
+            top[key] = decoder.unpack()
     return top, skipped
 
 
-def _stream_optimizer(unpacker: msgpack.Unpacker, name: str, skipped: list[str]) -> dict[str, Any]:
+def _stream_optimizer(decoder: msgpack_io.MappedDecoder, name: str, skipped: list[str]) -> dict[str, Any]:
     """Decode a flax.optim ``Optimizer`` map: keep ``target``, skip ``state`` and anything else."""
-    try:
-        count = unpacker.read_map_header()
-    except ValueError:
-        raise DecodeError(f"'{name}' is not a map (expected the flax.optim {{state, target}} dict)") from None
+    count = decoder.map_header(f"'{name}' is not a map (expected the flax.optim {{state, target}} dict)")
     kept: dict[str, Any] = {}
     for _ in range(count):
-        key = _read_key(unpacker)
+        key = _read_key(decoder)
         if key == "target":
-            kept[key] = unpacker.unpack()
+            kept[key] = decoder.unpack()
         else:
-            unpacker.skip()
+            decoder.skip()
             skipped.append(f"{name}/{key}")
     return kept
 
@@ -537,7 +614,7 @@ def _read_npz(path: Path) -> _RawState:
         raise _fail(path, f"corrupt npz member ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not top and not skipped:
         raise _fail(path, "npz archive holds no arrays (expected '/'-joined parameter names)")
-    return _RawState(top=top, skipped=skipped, sha256=_sha256_file(path), format="npz")
+    return _RawState(top=top, skipped=skipped, sha256=_Done(_sha256_file(path)), format="npz")
 
 
 def _npz_keys(member: str, path: Path) -> tuple[str, ...]:
@@ -642,7 +719,7 @@ def _read_orbax_dir(directory: Path) -> _RawState:
         raise _fail(directory, "Orbax directory holds no tree (expected a 'checkpoint' file or '_METADATA')")
     reader = _TensorstoreReader(directory, bool(meta.get("use_zarr3", False)) if isinstance(meta, dict) else False)
     fmt = "orbax-ocdbt" if reader.ocdbt else ("orbax-zarr" if _has_refs(top) else "orbax-msgpack")
-    return _RawState(top=top, skipped=skipped, sha256=_sha256_dir(directory), format=fmt, resolve=reader.resolve)
+    return _RawState(top=top, skipped=skipped, sha256=_Done(_sha256_dir(directory)), format=fmt, resolve=reader.resolve)
 
 
 def _merge_metadata(
