@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -205,6 +206,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def medians(rows: list[dict]) -> str:
+    """One line per model: the median of each figure over the runs, and the targets judged on them."""
+    mb = 1 << 20
+    lines = [
+        "Medians over the runs (a shared machine: single runs of either side vary by 2x):",
+        "",
+        "| model | runs | flax restore | CLI wall | CLI / restore, per run (target <= 1) | own / (read+write) (target <= 2) | RSS above baseline / params (target <= 1.5) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        med = lambda f: statistics.median(f(r) for r in mine)  # noqa: E731
+        restore, wall = med(lambda r: r["flax_restore_s"]), med(lambda r: r["cli_wall_s"])
+        ratio = med(lambda r: r["cli_wall_s"] / r["flax_restore_s"])  # each run's own ratio: back-to-back
+        own = med(lambda r: r["own_work_s"] / (r["read_once_s"] + r["write_once_s"]))
+        rss = med(lambda r: (r["cli_rss"] - r["baseline_rss"]) / r["param_bytes"])
+        lines.append(f"| {name} | {len(mine)} | {restore:.2f} s | {wall:.2f} s | {ratio:.2f} | {own:.2f} | {rss:.2f} ({rss * mine[0]['param_bytes'] / mb:.0f} MiB) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["B16", "L16"], choices=sorted(SIZES))
@@ -226,6 +247,8 @@ def main() -> None:
     imports = ", ".join(f"{r['import_torch_s']:.2f} s" for r in rows)
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; import torch alone: {imports}")
     print(table(rows))
+    print()
+    print(medians(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
