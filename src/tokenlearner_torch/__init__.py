@@ -7,16 +7,15 @@ parameter tree); :func:`from_scenic` builds one from a Scenic class name and kwa
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_exports
 from .errors import CheckpointError, ConfigError, ConversionError, ShapeError, TokenLearnerError
 
 __version__ = "0.1.0"
 
-# The public names and the submodule defining each. They are imported on first access (PEP 562) so that
-# `tokenlearner-convert` can read a checkpoint while torch is still being imported in another thread:
-# importing torch costs ~2 s of the command's start-up.
+# The public names and the submodule defining each, imported on first access (see _lazy.py): so that
+# `tokenlearner-convert` can read a checkpoint while torch is still being imported in another thread.
 _LAZY = {
     "from_scenic": ".scenic",
     "load_pretrained": ".weights_convert.pretrained",
@@ -52,14 +51,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .weights_convert.pretrained import load_pretrained
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tokenlearner_torch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
