@@ -173,16 +173,17 @@ def find_nonfinite(params: Any, _prefix: str = "") -> list[str]:
         for key, value in params.items():
             found += find_nonfinite(value, f"{_prefix}/{key}" if _prefix else str(key))
         return found
-    arr = np.asarray(params)
+    return [] if all_finite(np.asarray(params)) else [_prefix]
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    """False if a floating-point array (bfloat16 and float8 included) holds a NaN or an Inf."""
     if not _is_inexact(arr.dtype):
-        return []
+        return True
     flat = arr.reshape(-1)
     # Blockwise, so a huge array does not need an equally huge boolean temporary.
     block = 1 << 22
-    for start in range(0, flat.size, block):
-        if not np.isfinite(flat[start : start + block]).all():
-            return [_prefix]
-    return []
+    return all(np.isfinite(flat[start : start + block]).all() for start in range(0, flat.size, block))
 
 
 def _is_inexact(dtype: np.dtype) -> bool:

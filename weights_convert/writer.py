@@ -28,7 +28,7 @@ import numpy as np
 from tokenlearner_torch.errors import CheckpointError, ConfigError, ConversionError
 
 from .layouts import LeafRule, rule_from_flax
-from .readers import _fsync_dir
+from .readers import _fsync_dir, all_finite
 
 __all__ = ["DTYPE_POLICIES", "PlannedLeaf", "Plan", "make_plan", "plan_from_flax", "StagedFolder", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
@@ -94,20 +94,6 @@ class Plan:
         return len(mine) == len(other.leaves) and all(k.torch_key in mine and mine[k.torch_key].same_layout(k) for k in other.leaves)
 
 
-def _is_finite(arr: np.ndarray) -> bool:
-    if arr.dtype.kind not in "fc" and not arr.dtype.name.startswith(("bfloat", "float8")):
-        return True
-    flat = arr.reshape(-1)
-    block = 1 << 22
-    for start in range(0, flat.size, block):
-        chunk = flat[start : start + block]
-        if chunk.dtype.kind not in "fc":
-            chunk = chunk.astype(np.float32)
-        if not np.isfinite(chunk).all():
-            return False
-    return True
-
-
 def _out_dtype(src: np.dtype, dtype: str) -> np.dtype:
     if dtype == "keep" or not (src.kind == "f" or src.name == "bfloat16"):
         return src
@@ -127,7 +113,7 @@ def make_plan(entries: Iterable[tuple[str, str, LeafRule, np.ndarray]], dtype: s
         if arr.dtype.name not in _SAFETENSORS_DTYPES:
             raise ConversionError(f"{flax_path}: dtype {arr.dtype.name} cannot be stored in safetensors (expected one of {', '.join(_SAFETENSORS_DTYPES)})")
         src_dtypes.add(arr.dtype.name)
-        if check_nonfinite and not _is_finite(arr):
+        if check_nonfinite and not all_finite(arr):
             nonfinite.append(flax_path)
         leaves.append(PlannedLeaf(torch_key, flax_path, rule, rule.to_torch(arr, None), _out_dtype(arr.dtype, dtype)))
     return Plan(leaves, sorted(src_dtypes), nonfinite)
