@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from tokenlearner_torch import from_scenic
 from tokenlearner_torch.weights_convert import convert, load_pretrained, read_checkpoint
 from tokenlearner_torch.weights_convert import writer
-from tokenlearner_torch.weights_convert.layouts import KIND_RULES, rule_from_flax
+from tokenlearner_torch.weights_convert.layouts import KIND_RULES, flatten_tree, rule_from_flax
 from tokenlearner_torch.weights_convert.mapping import leaf_table
 
 from goldens import Golden
@@ -97,17 +97,10 @@ def test_arrays_read_are_views_of_the_mapped_file():
     import mmap
 
     g = Golden("vit_image_cls")
-    arr = next(_leaves(read_checkpoint(g.dir / "checkpoint")))
+    arr = next(iter(flatten_tree(read_checkpoint(g.dir / "checkpoint")).values()))
     assert not arr.flags.writeable
     base = arr
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base
     assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
-
-def _leaves(tree):
-    for v in tree.values():
-        if isinstance(v, dict):
-            yield from _leaves(v)
-        else:
-            yield v

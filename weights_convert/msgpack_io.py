@@ -39,8 +39,8 @@ MAX_DEPTH = 64
 #: numpy refuses more dimensions than this; anything larger in a header is corrupt.
 MAX_NDIM = 32
 
-#: Limits on msgpack containers and strings. A declared map/array length makes the C unpacker
-#: pre-size a dict/list, so without a cap a 5-byte header could request gigabytes.
+#: Limits on msgpack containers and strings. A declared map/array length is walked entry by entry,
+#: so without a cap a 5-byte header could keep the decoder busy for billions of steps.
 MAX_CONTAINER_LEN = 1 << 20
 MAX_STR_LEN = 1 << 24
 
@@ -229,9 +229,9 @@ class MappedDecoder:
         self.pos = start + n
         return start
 
-    def _uint(self, width: int) -> int:
+    def _int(self, width: int, signed: bool = False) -> int:
         start = self._take(width)
-        return int.from_bytes(self.buf[start : start + width], "big")
+        return int.from_bytes(self.buf[start : start + width], "big", signed=signed)
 
     def _head(self) -> tuple[int, Any]:
         """Read one header: (kind, value for scalars / length for str, bin, array, map / (code, length) for ext)."""
@@ -250,8 +250,7 @@ class MappedDecoder:
         if tag <= 0xBF:
             return self._checked(_STR, tag & 0x1F)
         if tag in _FIXEXT:
-            code = int.from_bytes(self.buf[self._take(1) : self.pos], "big", signed=True)
-            return _EXT, (code, _FIXEXT[tag])
+            return _EXT, (self._int(1, signed=True), _FIXEXT[tag])
         spec = _TAGS.get(tag)
         if spec is None:
             raise DecodeError(f"corrupt msgpack data: invalid type byte 0x{tag:02x} at {self.pos - 1}")
@@ -262,12 +261,10 @@ class MappedDecoder:
             start = self._take(width)
             return kind, struct.unpack(">f" if width == 4 else ">d", self.buf[start : start + width])[0]
         if kind == _INT:
-            start = self._take(width)
-            return kind, int.from_bytes(self.buf[start : start + width], "big", signed=flag)
-        length = self._uint(width)
+            return kind, self._int(width, signed=flag)
+        length = self._int(width)
         if kind == _EXT:
-            code = int.from_bytes(self.buf[self._take(1) : self.pos], "big", signed=True)
-            return _EXT, (code, length)
+            return _EXT, (self._int(1, signed=True), length)
         return self._checked(kind, length)
 
     def _checked(self, kind: int, length: int) -> tuple[int, int]:

@@ -13,9 +13,9 @@ from torch.overrides import TorchFunctionMode
 
 from tokenlearner_torch.errors import CheckpointError, ConversionError, TokenLearnerError
 
-__all__ = ["load_pretrained", "build_skeleton", "read_folder_config", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
+from .writer import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 
-from .writer import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME  # noqa: E402
+__all__ = ["load_pretrained", "build_skeleton", "read_folder_config", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
 
 class _SkipInit(TorchFunctionMode):

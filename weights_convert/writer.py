@@ -174,6 +174,7 @@ class StagedFolder:
         if not self.out.parent.is_dir():
             raise CheckpointError(f"{self.out}: parent folder {self.out.parent} does not exist")
         self.tmp = self.out.parent / f".{self.out.name}.tmp-{secrets.token_hex(6)}"
+        self._leaves: list[PlannedLeaf] = []  # in file order, once written
         self._header_room = 0
         self._committed = False
 

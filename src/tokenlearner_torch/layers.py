@@ -299,11 +299,10 @@ def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tens
     """
     if x.dtype == torch.float64:  # f64 parity mode: no float32 rounding to reproduce
         return _flax_formula(x, weight.to(x.dtype), bias.to(x.dtype), eps)
-    if x.device.type != "cpu":
-        return torch.native_layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)[0]
-    if not torch.compiler.is_compiling():
+    on_cpu = x.device.type == "cpu"
+    if not (on_cpu and torch.compiler.is_compiling()):
         out, mean, rstd = torch.native_layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
-        if bool((mean * mean * (rstd * rstd) <= 1.0).all()):
+        if not on_cpu or bool((mean * mean * (rstd * rstd) <= 1.0).all()):
             return out
     return flax_numerics.layer_norm(x, weight, bias, eps)
 
