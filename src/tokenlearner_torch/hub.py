@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -33,13 +34,17 @@ _PAPER_URL = "https://arxiv.org/abs/2106.11297"
 _LAYOUT_OPTIONS = ("channels_first",)
 
 M = TypeVar("M", bound=nn.Module)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def _require_hub() -> Any:
     try:
         import huggingface_hub
     except ImportError:
-        raise ImportError(f"the Hugging Face Hub methods need huggingface_hub, which is not installed: {HUB_EXTRA}") from None
+        raise ImportError(
+            f"save_pretrained / from_pretrained / push_to_hub need huggingface_hub, which is not installed: {HUB_EXTRA} "
+            "(tokenlearner_torch.load_pretrained reads local folders without it)"
+        ) from None
     return huggingface_hub
 
 
@@ -86,13 +91,8 @@ class HubMixin:
         kwargs = {name: _jsonable(value, name) for name, value in arguments.items() if name in fields}
         return {"scenic_class": dotted, "constructor_kwargs": kwargs, "format_version": FORMAT_VERSION}
 
-    def _write_folder(self, save_directory: Path) -> None:
-        """Write ``model.safetensors`` then ``config.json``, each through a temporary file renamed into place."""
-        from safetensors.torch import save_file
-
-        from . import __version__
-        from .weights_convert.writer import CONFIG_NAME, WEIGHTS_NAME
-
+    def _saveable_config(self) -> dict[str, Any]:
+        """:meth:`hub_config`, after checking that every parameter has its shape (a lazy module cannot be saved)."""
         assert isinstance(self, nn.Module)
         config = self.hub_config()
         lazy = [n for n, p in self.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
@@ -101,6 +101,16 @@ class HubMixin:
                 f"{type(self).__name__}: parameters without a shape yet ({', '.join(lazy[:3])}...): build the "
                 "model with its input shapes (from_scenic(..., input_shapes=...)) or run it once before saving"
             )
+        return config
+
+    def _write_folder(self, save_directory: Path) -> None:
+        """Write ``model.safetensors`` then ``config.json``, each through a temporary file renamed into place."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+        from .weights_convert.writer import CONFIG_NAME, WEIGHTS_NAME
+
+        config = self._saveable_config()
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         metadata = {
             "format": "pt",
@@ -131,7 +141,9 @@ class HubMixin:
         Keyword arguments are ``PyTorchModelHubMixin.save_pretrained``'s (``push_to_hub=True, repo_id=...``,
         ``model_card_kwargs``); returns the commit URL when pushing, else None.
         """
-        return _adapter(self).save_pretrained(save_directory, **kwargs)
+        adapter = _adapter(self)
+        self._saveable_config()  # before the mixin creates the folder: nothing is written for a module that cannot be saved
+        return adapter.save_pretrained(save_directory, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload the folder ``save_pretrained`` writes to the Hub repository ``repo_id`` (one commit).
@@ -139,7 +151,9 @@ class HubMixin:
         Keyword arguments are ``PyTorchModelHubMixin.push_to_hub``'s (``private``, ``token``, ``branch``,
         ``commit_message``, ``create_pr``...). Returns the commit URL.
         """
-        return _adapter(self).push_to_hub(repo_id, **kwargs)
+        adapter = _adapter(self)
+        self._saveable_config()
+        return adapter.push_to_hub(repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -158,7 +172,13 @@ class HubMixin:
         The module is built from ``config.json``, loaded strictly from ``model.safetensors`` (the dtype it was
         saved in) and returned in ``eval()`` mode. Called on a class, the folder must hold that class.
         """
-        model = _adapter_class().from_pretrained(
+        adapter = _adapter_class()
+        name = pretrained_model_name_or_path
+        if not os.path.isdir(name) and (isinstance(name, os.PathLike) or os.path.exists(name) or not _REPO_ID.fullmatch(str(name))):
+            from .weights_convert.pretrained import load_pretrained
+
+            load_pretrained(name)  # not a folder and not a repository id: raises CheckpointError naming the path
+        model = adapter.from_pretrained(
             pretrained_model_name_or_path,
             map_location=map_location,
             revision=revision,
