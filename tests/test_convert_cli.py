@@ -1,5 +1,6 @@
-"""tokenlearner-convert end to end: every golden converts and matches Scenic; every failure is one line, exit 1,
-nothing left behind; usage errors exit 2."""
+"""tokenlearner-convert end to end: every golden converts and matches Scenic; every failure is a complete summary
+line (plus indented details where there is more to say), nothing left behind; exit 1 when the conversion fails,
+2 for usage and input errors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from tokenlearner_torch import errors as tl_errors
 from tokenlearner_torch.weights_convert import load_pretrained, read_checkpoint
 from tokenlearner_torch.weights_convert.cli import main
 from tokenlearner_torch.weights_convert.mapping import flatten_tree, unflatten_tree
@@ -142,7 +144,7 @@ def test_bf16_kept_or_cast(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# Failures: one line, exit 1, nothing left behind
+# Failures: a summary line, exit 1 (the conversion failed) or 2 (usage or input error), nothing left behind
 # ------------------------------------------------------------------------------------------------
 
 
@@ -168,23 +170,145 @@ def test_bad_input_fails_cleanly(kind, tmp_path, capsys):
     src = _bad_files(tmp_path)[kind]
     out = tmp_path / "out"
     cfg = str(Golden("vit_image_cls").dir / "config.json")
-    assert main([str(src), "-o", str(out), "--config", cfg]) == 1
+    assert main([str(src), "-o", str(out), "--config", cfg]) == 2  # unreadable input
     _one_line_error(capsys)
     _assert_nothing_left(tmp_path, out)
 
 
-def test_wrong_architecture_lists_mismatches(tmp_path, capsys):
-    g = Golden("vit_image_cls")
-    other = Golden("vit_video_3dconv")
-    out = tmp_path / "out"
+def _summary_and_details(capsys) -> tuple[str, list[str]]:
+    """stderr of a failed conversion: a complete first line, then indented detail lines (no traceback)."""
+    err = capsys.readouterr().err
+    first, *details = err.rstrip("\n").split("\n")
+    assert first.startswith("tokenlearner-convert: error: ") and "Traceback" not in err, err
+    assert all(line.startswith("  ") for line in details), err
+    return first, details
+
+
+def _param_shapes(g: Golden) -> dict[str, tuple]:
+    return {k.removeprefix("params/"): tuple(v) for k, v in g.config["param_shapes"].items()}
+
+
+def test_wrong_config_error_is_readable_and_the_report_complete(tmp_path, capsys):
+    g, other = Golden("vit_image_cls"), Golden("vit_video_3dconv")
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    assert main([str(g.dir / "checkpoint"), "-o", str(out), "--config", str(other.dir / "config.json"), "--report", str(report)]) == 1
+    first, details = _summary_and_details(capsys)
+    _assert_nothing_left(tmp_path, out)
+    # What each side has, from the goldens' own records of the genuine Scenic trees.
+    have, want = _param_shapes(g), _param_shapes(other)
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    # The position embedding's length follows the input size, which no config fixes: it is not checked.
+    misshaped = sorted(p for p in set(have) & set(want) if have[p] != want[p] and not p.endswith("pos_embedding"))
+    assert f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped" in first
+    assert (len(missing), len(unexpected), len(misshaped)) == (30, 18, 5)
+    # The summary says the config describes another model, and how: video vs image, depth.
+    assert "the config evidently describes another model" in first
+    assert "image vs video patch embedding" in first and "4 vs 3 encoder blocks" in first
+    assert len(first) < 400 and max(len(line) for line in details) < 200
+    assert "  hint: depth: the checkpoint has 4 encoder blocks, the model 3 (num_layers)" in details
+    assert any(line.startswith("  hint: the checkpoint embeds 2-D patches (an image model)") for line in details)
+    # The first entries of each kind, one per line; mis-shaped ones with found vs expected shapes.
+    for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        header = f"  {kind} ({len(items)}, first 5):" if len(items) > 5 else f"  {kind} ({len(items)}):"
+        i = details.index(header)
+        shown = details[i + 1 : i + 1 + min(5, len(items))]
+        assert all(line.startswith("    ") for line in shown)
+        assert {line.split(":")[0].strip() for line in shown} <= set(items)
+    assert "    output_projection/kernel: found [32, 10], expected [64, 5]" in details
+    assert "    embedding/kernel: found [8, 8, 3, 64], expected [2, 8, 8, ?, 64] (rank 4, expected 5)" in details
+    assert details[-1] == f"  (every entry: in {report}, under 'mismatch')"
+    # --report: the complete lists, and the complete message (not cut).
+    rep = json.loads(report.read_text())
+    assert not rep["ok"] and rep["error"].startswith(first.removeprefix("tokenlearner-convert: error: "))
+    assert rep["error"].splitlines()[1:] == details[:-1]
+    mm = rep["mismatch"]
+    assert sorted(mm["missing"]) == missing and sorted(mm["unexpected"]) == unexpected
+    assert sorted(m["path"] for m in mm["misshaped"]) == misshaped
+    for m in mm["misshaped"]:
+        assert tuple(m["found"]) == have[m["path"]]
+        assert all(e is None or e == w for e, w in zip(m["expected"], want[m["path"]], strict=True))
+    assert any("4 encoder blocks" in h for h in mm["hints"])
+    # Without --report the message says how to get every entry.
     assert main([str(g.dir / "checkpoint"), "-o", str(out), "--config", str(other.dir / "config.json")]) == 1
+    assert _summary_and_details(capsys)[1][-1] == "  (every entry: pass --report FILE)"
+
+
+def test_wrong_width_or_heads_is_named(tmp_path, capsys):
+    g = Golden("vit_image_cls")
+    args = [str(g.dir / "checkpoint"), "-o", str(tmp_path / "out"), "--config", str(g.dir / "config.json")]
+    # Wrong head count given explicitly: the mapping's head check catches it, even with the same total width.
+    assert main(args + ["--set", "num_heads=2"]) == 1
+    first, details = _summary_and_details(capsys)
+    assert "0 missing, 0 unexpected, 28 mis-shaped" in first and "(checkpoint vs model: heads 4 vs 2)" in first  # 4 blocks x 7
+    assert "the config with the set values evidently describes another model" in first
+    assert any("(4 heads, the model has num_heads=2)" in line for line in details)
+    assert main(args + ["--set", "hidden_size=128"]) == 1
+    first, details = _summary_and_details(capsys)
+    assert "hidden size 64 vs 128" in first
+    # No evident other model (one leaf renamed): counts and entries, no hint.
+    flat = dict(flatten_tree(g.params))
+    flat["Transformer/encoder_norm/gain"] = flat.pop("Transformer/encoder_norm/scale")
+    src = tmp_path / "renamed.msgpack"
+    write_flax_msgpack(src, unflatten_tree(flat), wrap="variables")
+    assert main([str(src), "-o", str(tmp_path / "out"), "--config", str(g.dir / "config.json")]) == 1
+    first, details = _summary_and_details(capsys)
+    assert first.endswith("1 missing, 1 unexpected, 0 mis-shaped") and "hint" not in "".join(details)
+    assert details == ["  missing (1):", "    Transformer/encoder_norm/scale", "  unexpected (1):", "    Transformer/encoder_norm/gain"]
+    _assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["missing source", "unreadable source", "missing config", "no output parent"])
+def test_input_errors_exit_2(case, tmp_path, capsys, monkeypatch):
+    g = Golden("vit_image_cls")
+    src, cfg, out = g.dir / "checkpoint", g.dir / "config.json", tmp_path / "out"
+    if case == "missing source":
+        src = tmp_path / "does_not_exist"
+    elif case == "unreadable source":
+        from tokenlearner_torch.weights_convert import readers
+
+        def denied(target):
+            raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+        monkeypatch.setattr(readers, "_read_source", denied)
+    elif case == "missing config":
+        cfg = tmp_path / "nope.json"
+    else:
+        out = tmp_path / "no" / "out"
+    assert main([str(src), "-o", str(out), "--config", str(cfg)]) == 2
     err = _one_line_error(capsys)
-    assert "missing" in err and "unexpected" in err and "TokenFuser_0" in err
-    _assert_nothing_left(tmp_path, out)
-    # Wrong head count given explicitly: the mapping's head check catches it.
-    assert main([str(g.dir / "checkpoint"), "-o", str(out), "--config", str(g.dir / "config.json"), "--set", "num_heads=2"]) == 1
-    assert "heads" in _one_line_error(capsys)
-    _assert_nothing_left(tmp_path, out)
+    assert {"missing source": "no such file", "unreadable source": "cannot be read (Permission denied",
+            "missing config": "config file not found", "no output parent": "does not exist"}[case] in err  # fmt: skip
+    assert not out.exists()
+
+
+def test_summary_says_where_each_field_came_from(tmp_path, capsys):
+    g = Golden("vit_image_cls")
+    args = [str(g.dir / "checkpoint"), "-o", str(tmp_path / "a")] + [a for s in SETS["vit_image_cls"] for a in ("--set", s)]
+    assert main(args) == 0, capsys.readouterr().err
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("model:"))
+    assert line == (
+        "model:       TokenLearnerViT (fields: 10 inferred from the checkpoint's shapes; "
+        "--set tokenizer.type, tokenizer.tokenlearner_loc, classifier)"
+    )
+    assert main([str(g.dir / "checkpoint"), "-o", str(tmp_path / "b"), "--config", str(g.dir / "config.json")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("model:"))
+    assert line == f"model:       TokenLearnerViT (fields: {len(g.config['constructor_kwargs'])} from the config)"
+
+
+def test_python_api_mismatch_keeps_every_entry(tmp_path):
+    from tokenlearner_torch.weights_convert import ConversionReport, convert
+    from tokenlearner_torch.weights_convert.mismatch import ParamsMismatchError
+
+    g, other = Golden("vit_image_cls"), Golden("vit_video_3dconv")
+    rep = ConversionReport()
+    with pytest.raises(ParamsMismatchError) as info:
+        convert(g.dir / "checkpoint", tmp_path / "out", config=other.dir / "config.json", report=rep)
+    exc = info.value
+    assert isinstance(exc, tl_errors.ConversionError) and exc.truncated
+    assert (len(exc.missing), len(exc.unexpected), len(exc.misshaped)) == (30, 18, 5)
+    assert rep.mismatch == exc.to_dict() and len(rep.mismatch["missing"]) == 30
+    assert str(exc).splitlines()[0].endswith("(checkpoint vs model: image vs video patch embedding, 4 vs 3 encoder blocks, classes 10 vs 5, ...)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_nonfinite_weights_flagged(tmp_path, capsys):
@@ -233,8 +357,15 @@ def test_existing_output_needs_force(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     args = [str(g.dir / "params.msgpack"), "-o", str(out), "--config", str(g.dir / "config.json")]
-    assert main(args) == 1
-    assert "already exists" in _one_line_error(capsys)
+    assert main(args) == 2
+    err = _one_line_error(capsys)
+    assert "already exists (pass --force to replace it)" in err and "force=True" not in err
+    assert (out / "keep.txt").exists()
+    # The Python API says it in Python.
+    from tokenlearner_torch.weights_convert import convert
+
+    with pytest.raises(tl_errors.ConfigError, match=r"already exists \(pass force=True to replace it\)$"):
+        convert(g.dir / "params.msgpack", out, config=g.dir / "config.json")
     assert (out / "keep.txt").exists()
     assert main(args + ["--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
@@ -243,7 +374,7 @@ def test_existing_output_needs_force(tmp_path, capsys):
 
 def test_undetermined_fields_are_listed(tmp_path, capsys):
     g = Golden("vit_image_cls")
-    assert main([str(g.dir / "checkpoint"), "-o", str(tmp_path / "o")]) == 1
+    assert main([str(g.dir / "checkpoint"), "-o", str(tmp_path / "o")]) == 2  # fields to pass: a usage error
     err = _one_line_error(capsys)
     assert "3 field(s)" in err
     for f in SETS["vit_image_cls"]:

@@ -69,9 +69,9 @@ def test_cli_to_flax(folder, tmp_path, capsys):
     assert main(["--to-flax", str(folder), "-o", str(out), "--step", "3", "--wrap", "variables"]) == 0
     assert "Flax msgpack" in capsys.readouterr().out
     _bitwise_equal(read_checkpoint(out), Golden("vit_video_3dconv").params)
-    assert main(["--to-flax", str(folder), "-o", str(out)]) == 1  # exists
-    assert "already exists" in capsys.readouterr().err
-    assert main(["--to-flax", str(tmp_path / "nope"), "-o", str(tmp_path / "c")]) == 1
+    assert main(["--to-flax", str(folder), "-o", str(out)]) == 2  # exists: a usage error
+    assert "already exists (pass --force" in capsys.readouterr().err
+    assert main(["--to-flax", str(tmp_path / "nope"), "-o", str(tmp_path / "c")]) == 2  # missing input
     assert "no such folder" in capsys.readouterr().err
 
 

@@ -503,6 +503,19 @@ def test_missing_and_empty_locations(tmp_path: Path) -> None:
         read_checkpoint(tmp_path)
 
 
+def test_unreadable_source_is_one_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "checkpoint_1"
+    path.write_bytes(_valid_bytes())
+
+    def denied(target: Path) -> Any:  # what open() raises without read permission (root would not see it)
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(readers, "_read_source", denied)
+    with pytest.raises(CheckpointError) as excinfo:
+        read_checkpoint(path)
+    assert one_line_error(excinfo, path).endswith("cannot be read (Permission denied; expected a readable checkpoint file or directory)")
+
+
 def _valid_bytes() -> bytes:
     return msgpack_io.packb_tree(scenic_state({"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": np.ones(2, BF16)}))
 

@@ -5,7 +5,10 @@
                          [--report FILE] [--verify] [--quiet]
     tokenlearner-convert --to-flax FOLDER -o FILE_OR_DIR [--step N] [--wrap optax-trainstate|variables|bare]
 
-Exit status: 0 converted, 1 the conversion failed (one line on stderr), 2 usage error.
+Exit status: 0 converted; 1 the conversion failed (the checkpoint does not fit the model, NaN/Inf weights, the
+output could not be written); 2 a usage or input error (bad arguments, fields to pass, a missing or unreadable
+source or config, an existing output without --force). The error's first line on stderr is a complete summary;
+indented detail lines may follow.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert a Scenic/Flax TokenLearner checkpoint into a PyTorch folder (model.safetensors + "
         "config.json), or (--to-flax) a converted folder back into a Flax msgpack checkpoint.",
-        epilog="Exit status: 0 ok, 1 conversion failed, 2 usage error.",
+        epilog="Exit status: 0 ok; 1 the conversion failed (the checkpoint does not fit the model, NaN/Inf, the output "
+        "could not be written); 2 usage or input error (bad arguments, missing or unreadable source or config).",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint file or directory (Flax msgpack, Orbax, .npz); with --to-flax: a converted folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (with --to-flax: the Flax checkpoint file, or a directory for checkpoint_<step>)")
@@ -56,8 +60,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 2000 else text[:2000] + " ..."
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _error_text(exc: BaseException) -> str:
+    """The error for stderr: its first line as one complete line, then its indented detail lines as they are."""
+    first, *details = str(exc).strip().splitlines() or [type(exc).__name__]
+    return "\n".join([" ".join(first.split()), *(line.rstrip() for line in details)])
+
+
+def exit_status(exc: BaseException) -> int:
+    """2 for a usage or input error, 1 for a conversion that failed (the convention of both commands)."""
+    from tokenlearner_torch.errors import CheckpointError, ConfigError
+
+    from .readers import OutputError
+
+    if isinstance(exc, OutputError):
+        return 1  # the output could not be written: the conversion failed
+    if isinstance(exc, (_UsageError, ConfigError, CheckpointError)):
+        return 2  # arguments, config or source: the input is wrong or unreadable
+    return 1
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -125,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         raise _UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
     rep = ConversionReport()
     try:
+        if Path(args.output).exists() and not args.force:  # the command line's wording (the Python API's: force=True)
+            raise ConfigError(f"{args.output}: already exists (pass --force to replace it)")
         convert(
             args.src, args.output, config=args.config, sets=args.sets, num_classes=args.num_classes,
             scenic_class=args.scenic_class, subtree=args.subtree, step=args.step, dtype=args.dtype,
@@ -132,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except BaseException as exc:
         if args.report and isinstance(exc, Exception):
-            rep.error = _one_line(exc)
+            rep.error = str(exc)
             try:
                 _write_json(args.report, rep.to_dict())
             except OSError:
@@ -150,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 conversion failed, 2 usage error)."""
+    """Run the command line; return the exit status (0 ok, 1 conversion failed, 2 usage or input error)."""
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -170,14 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 1
-    except Exception as exc:  # TokenLearnerError, OSError and anything unexpected: one line, no traceback
+    except Exception as exc:  # TokenLearnerError, OSError and anything unexpected: a summary line, no traceback
         from tokenlearner_torch.errors import TokenLearnerError
 
+        from .mismatch import ParamsMismatchError
+
         if isinstance(exc, (TokenLearnerError, OSError)):
-            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            text = _error_text(exc)
         else:
-            print(f"{PROG}: error: unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return 1
+            text = f"unexpected {type(exc).__name__}: {_one_line(exc)[:2000]}"
+        if isinstance(exc, ParamsMismatchError) and exc.truncated:
+            text += f"\n  (every entry: in {args.report}, under 'mismatch')" if args.report else "\n  (every entry: pass --report FILE)"
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return exit_status(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from tokenlearner_torch.errors import ConfigError, ConversionError
 
 from .layouts import flatten_tree
+from .mismatch import ParamsMismatchError
 from .writer import DTYPE_POLICIES, FORMAT_VERSION, StagedFolder, plan_from_flax
 
 # This module imports no torch: `convert` reads the checkpoint and writes the weights while torch loads in
@@ -108,6 +109,9 @@ class ConversionReport:
     converter_version: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # When the tree does not fit the model: the complete lists (missing, unexpected, misshaped with the Flax
+    # shapes found and expected) and the hints; the error message shows only the first entries.
+    mismatch: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,8 +126,16 @@ class ConversionReport:
             by: dict[str, list[str]] = {}
             for name, origin in self.field_sources.items():
                 by.setdefault(origin, []).append(name)
-            origins = "; ".join(f"{k}: {len(v) if k == 'checkpoint' else ', '.join(v)}" for k, v in sorted(by.items()))
-            lines.append(f"model:       {self.scenic_class.rsplit('.', 1)[-1]} (fields from {origins or 'defaults'})")
+            parts = []
+            order = ("checkpoint", "config", "--num-classes", "--set")
+            for origin, names in sorted(by.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
+                if origin == "checkpoint":
+                    parts.append(f"{len(names)} inferred from the checkpoint's shapes")
+                elif origin == "config":
+                    parts.append(f"{len(names)} from the config")
+                else:  # --set, --num-classes: name them
+                    parts.append(f"{origin} {', '.join(names)}")
+            lines.append(f"model:       {self.scenic_class.rsplit('.', 1)[-1]} (fields: {'; '.join(parts) or 'Scenic defaults'})")
         if self.ignored_config_fields:
             lines.append(f"ignored:     config fields the class does not take: {', '.join(self.ignored_config_fields)}")
         pct = 100.0 * self.flax_leaves_consumed / self.flax_leaves_total if self.flax_leaves_total else 0.0
@@ -218,7 +230,17 @@ def convert(
         rep.scenic_class, rep.constructor_kwargs = arch.scenic_class, arch.kwargs
         rep.field_sources, rep.ignored_config_fields = arch.sources, arch.ignored
         model = build_skeleton(arch.scenic_class, arch.kwargs)
-        plan = plan_leaves(model, params, dtype=dtype, check_nonfinite=early is None)  # strict: raises on any misfit
+        try:
+            plan = plan_leaves(model, params, dtype=dtype, check_nonfinite=early is None)  # strict: raises on any misfit
+        except ParamsMismatchError as exc:
+            rep.mismatch = exc.to_dict()
+            short = arch.scenic_class.rsplit(".", 1)[-1]
+            if config is not None:
+                title = f"{src}: does not fit the {short} of the config {config}" + (" with the set values" if sets else "")
+                another = f"the config{' with the set values' if sets else ''} evidently describes another model"
+            else:
+                title, another = f"{src}: does not fit the {short} built from its shapes and the given fields", None
+            raise exc.with_context(title, another) from None
         if early is not None:
             plan.nonfinite = early.nonfinite
         rep.flax_leaves_total = rep.flax_leaves_consumed = len(plan.leaves)

@@ -9,6 +9,7 @@ so nothing is converted by accident.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
@@ -26,6 +27,7 @@ from tokenlearner_torch.layers import (
 )
 
 from .layouts import KIND_RULES, LeafRule, flatten_tree, rule_from_flax, unflatten_tree
+from .mismatch import MisshapedLeaf, ParamsMismatchError, structure_hints
 
 __all__ = ["flax_to_torch", "torch_to_flax", "LAYOUT_RULES", "leaf_table", "rule_from_flax", "flatten_tree", "unflatten_tree"]
 
@@ -148,48 +150,62 @@ def flax_to_torch(model: nn.Module, params: Mapping[str, Any]) -> dict[str, Tens
         raise ConversionError(f"params must be a nested dict of arrays (the Flax 'params' collection), got {type(params).__name__}")
     flat = flatten_tree(params)
     leaves = leaf_table(model)
-    missing, misshaped = [], []
+    missing: list[str] = []
+    misshaped: list[MisshapedLeaf] = []
     state: dict[str, Tensor] = {}
     for leaf in leaves:
         if leaf.flax_path not in flat:
             missing.append(leaf.flax_path)
             continue
         arr = np.asarray(flat[leaf.flax_path])
+        bad = partial(MisshapedLeaf, leaf.flax_path, tuple(arr.shape), _expected_flax_shape(leaf))
         if arr.ndim != _flax_rank(leaf):
-            misshaped.append(f"{leaf.flax_path}: Flax shape {list(arr.shape)} has rank {arr.ndim}, expected {_flax_rank(leaf)}")
+            misshaped.append(bad(f"rank {arr.ndim}, expected {_flax_rank(leaf)}"))
             continue
         heads_axis = _heads_axis(leaf)
         if heads_axis is not None:
             if arr.shape[heads_axis] != leaf.module.num_heads:
-                misshaped.append(
-                    f"{leaf.flax_path}: Flax shape {list(arr.shape)} has {arr.shape[heads_axis]} heads, "
-                    f"the model has num_heads={leaf.module.num_heads}"
-                )
+                misshaped.append(bad(f"{arr.shape[heads_axis]} heads, the model has num_heads={leaf.module.num_heads}"))
                 continue
         tensor = _to_tensor(leaf.rule.to_torch(arr, leaf.module))
         expected = _expected_shape(leaf)
         if expected is not None and tuple(tensor.shape) != expected:
-            misshaped.append(
-                f"{leaf.flax_path}: Flax shape {list(arr.shape)} gives torch {list(tensor.shape)} for "
-                f"'{leaf.torch_key}', the model expects {list(expected)}"
-            )
+            misshaped.append(bad())
             continue
         state[leaf.torch_key] = tensor
     expected_paths = {leaf.flax_path for leaf in leaves}
     unexpected = sorted(p for p in flat if p not in expected_paths)
     if missing or unexpected or misshaped:
-        raise ConversionError(_problem_report("Flax params do not fit the model", missing, unexpected, misshaped, unexpected_hint=flat))
+        notes = []
+        if unexpected and all(p.startswith("params/") for p in flat):
+            notes.append("pass the content of the 'params' collection (variables['params']), not the variables dict")
+        tree_shapes = {p: tuple(np.shape(v)) for p, v in flat.items()}
+        model_shapes = {leaf.flax_path: _expected_flax_shape(leaf) for leaf in leaves}
+        hints = [] if notes else structure_hints(tree_shapes, model_shapes)
+        raise ParamsMismatchError("Flax params do not fit the model", missing, unexpected, misshaped, hints, notes)
     return state
 
 
-def _problem_report(title: str, missing, unexpected, misshaped, unexpected_hint=None) -> str:
-    lines = [f"{title}: {len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"]
-    lines += [f"  missing:     {p}" for p in missing]
-    lines += [f"  unexpected:  {p}" for p in unexpected]
-    lines += [f"  mis-shaped:  {p}" for p in misshaped]
-    if unexpected and unexpected_hint is not None and all(p.startswith("params/") for p in unexpected_hint):
-        lines.append("  hint: pass the content of the 'params' collection (variables['params']), not the variables dict")
-    return "\n".join(lines)
+def _expected_flax_shape(leaf: Leaf) -> Optional[tuple[Optional[int], ...]]:
+    """The Flax shape the model expects for the leaf; a lazy parameter's unknown sizes are None (and a
+    lazy one whose layout is not a plain transpose gives None)."""
+    shape = _expected_shape(leaf)
+    if shape is not None:
+        stand_in = np.broadcast_to(np.zeros((), np.uint8), shape)  # no memory: the layout rule only reshapes it
+        return tuple(leaf.rule.to_flax(stand_in, leaf.module).shape)
+    m, name = leaf.module, leaf.rule.torch_name
+    if isinstance(m, (HeadsProjection, HeadsOutput)):
+        return None
+    if isinstance(m, Conv):
+        known: tuple[Optional[int], ...] = (m.out_channels, m.in_channels, *m.kernel_size) if name == "weight" else (m.out_channels,)
+    elif isinstance(m, Dense):
+        known = (m.out_features, m.in_features) if name == "weight" else (m.out_features,)
+    else:
+        return None
+    # Which torch axis each Flax axis is: the rule applied to a probe whose sizes are all different.
+    probe = (2, 3, 5, 7, 11, 13)[: len(known)]
+    flax = leaf.rule.to_flax(np.broadcast_to(np.zeros((), np.uint8), probe), m).shape
+    return tuple(known[probe.index(d)] for d in flax)
 
 
 def torch_to_flax(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] = None) -> FlaxTree:
@@ -214,12 +230,12 @@ def torch_to_flax(model: nn.Module, state_dict: Optional[Mapping[str, Tensor]] =
             continue
         expected = _expected_shape(leaf)
         if expected is not None and tuple(value.shape) != expected:
-            misshaped.append(f"{key}: shape {list(value.shape)}, the model has {list(expected)}")
+            misshaped.append(MisshapedLeaf(key, tuple(value.shape), expected))
             continue
         arr = _to_numpy(value) if isinstance(value, Tensor) else np.asarray(value)
         flat[leaf.flax_path] = np.ascontiguousarray(leaf.rule.to_flax(arr, leaf.module))
     if missing or unexpected or misshaped:
-        raise ConversionError(_problem_report("tensors do not fit the model", missing, unexpected, misshaped))
+        raise ParamsMismatchError("tensors do not fit the model", missing, unexpected, misshaped)
     return unflatten_tree(flat)
 
 

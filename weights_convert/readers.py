@@ -35,6 +35,7 @@ from .msgpack_io import DTYPES, DecodeError, EncodeError
 
 __all__ = [
     "CheckpointInfo",
+    "OutputError",
     "find_nonfinite",
     "read_checkpoint",
     "read_checkpoint_info",
@@ -91,6 +92,14 @@ class _RawState:
     resolve: Callable[[str, Any], np.ndarray | None] | None = None
 
 
+class OutputError(CheckpointError):
+    """An output (converted folder, Flax checkpoint) could not be written: a full disk, permissions.
+
+    Nothing is left behind. The command line exits 1 for it (the conversion failed), 2 for the other
+    CheckpointErrors (the input cannot be read).
+    """
+
+
 def _fail(path: Path | str, problem: str) -> CheckpointError:
     """Build the one-line CheckpointError ``<path>: <problem>``."""
     return CheckpointError(f"{path}: {problem}".replace("\n", " "))
@@ -136,8 +145,11 @@ def read_checkpoint_deferred(
     source = Path(path)
     if not source.exists():
         raise _fail(source, "no such file or directory (expected a checkpoint file or directory)")
-    target, from_listing, name_step = _resolve(source, step, depth=0)
-    raw = _read_source(target)
+    try:
+        target, from_listing, name_step = _resolve(source, step, depth=0)
+        raw = _read_source(target)
+    except OSError as exc:  # permissions, a vanished file, an I/O error: the source cannot be read
+        raise _fail(source, f"cannot be read ({exc.strerror or exc}; expected a readable checkpoint file or directory)") from None
     if from_listing and raw.format in ("flax-msgpack", "flax-bytes"):
         raw.format = "flax-msgpack-dir"
     try:
@@ -217,7 +229,7 @@ def write_flax_msgpack(
             raise _fail(final, f"cannot write checkpoint: {exc}; no file was left behind") from None
         if isinstance(exc, OSError):
             reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise _fail(final, f"cannot write checkpoint ({reason}); no file was left behind") from exc
+            raise OutputError(f"{final}: cannot write checkpoint ({reason}); no file was left behind") from exc
         raise
     return sha
 

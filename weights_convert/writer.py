@@ -28,9 +28,9 @@ import numpy as np
 from tokenlearner_torch.errors import CheckpointError, ConfigError, ConversionError
 
 from .layouts import LeafRule, rule_from_flax
-from .readers import _fsync_dir, all_finite
+from .readers import OutputError, _fsync_dir, all_finite
 
-__all__ = ["DTYPE_POLICIES", "PlannedLeaf", "Plan", "make_plan", "plan_from_flax", "StagedFolder", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
+__all__ = ["OutputError", "DTYPE_POLICIES", "PlannedLeaf", "Plan", "make_plan", "plan_from_flax", "StagedFolder", "WEIGHTS_NAME", "CONFIG_NAME", "FORMAT_VERSION"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -161,14 +161,14 @@ class StagedFolder:
     """The output folder, staged under a hidden temporary name next to it until :meth:`commit`.
 
     Use as a context manager: leaving it with an exception removes everything written (and an OSError
-    such as a full disk becomes one :class:`CheckpointError`). An existing ``out`` is an error unless
+    such as a full disk becomes one :class:`OutputError`). An existing ``out`` is an error unless
     ``force``; then it is replaced at commit, atomically from a reader's point of view.
     """
 
     def __init__(self, out: str | os.PathLike[str], force: bool = False) -> None:
         self.out = Path(out)
         if self.out.exists() and not force:
-            raise ConfigError(f"{self.out}: already exists (pass --force / force=True to replace it)")
+            raise ConfigError(f"{self.out}: already exists (pass force=True to replace it)")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out}: exists and is not a folder; refusing to replace it")
         if not self.out.parent.is_dir():
@@ -187,13 +187,13 @@ class StagedFolder:
         if not self._committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def _disk_error(self, exc: OSError) -> CheckpointError:
+    def _disk_error(self, exc: OSError) -> OutputError:
         reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        return CheckpointError(f"{self.out}: cannot write the converted folder ({reason}); nothing was left behind")
+        return OutputError(f"{self.out}: cannot write the converted folder ({reason}); nothing was left behind")
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
-        """OSErrors while writing (a full disk, permissions) become one CheckpointError naming the output."""
+        """OSErrors while writing (a full disk, permissions) become one OutputError naming the output."""
         try:
             yield
         except OSError as exc:
