@@ -1,0 +1,92 @@
+"""Reading a Scenic experiment config: a dict, an ml_collections ConfigDict, a ``.py`` with ``get_config()``,
+or a ``.json`` file, always into plain nested dicts (the one form the training code reads)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+
+__all__ = ["load_config", "cfg_get", "to_plain"]
+
+_MISSING = object()
+
+
+def to_plain(value: Any) -> Any:
+    """A ConfigDict / FrozenConfigDict / mapping / tuple tree as plain dicts and lists (deep copy)."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def cfg_get(cfg: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any:
+    """``cfg['a']['b']`` for ``'a.b'``; ``default`` when a key is absent (a missing required key raises)."""
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            if default is _MISSING:
+                raise ConfigError(f"config.{dotted} is required")
+            return default
+        node = node[key]
+    return node
+
+
+def _from_py(path: Path, arg: str | None) -> Any:
+    spec = importlib.util.spec_from_file_location(f"_scenic_config_{abs(hash(str(path)))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{path}: cannot be imported as a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{path}: importing it failed ({e}); Scenic configs need ml_collections (pip install ml_collections)") from e
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"{path}: expected a get_config() function (a Scenic experiment config file)")
+    takes_arg = len(inspect.signature(get_config).parameters) > 0
+    if arg is not None and not takes_arg:
+        raise ConfigError(f"{path}: get_config() takes no argument, but ':{arg}' was given")
+    # As ml_collections' config_flags: `file.py:ARG` calls get_config(ARG) (Scenic's `:runlocal`).
+    return get_config(arg) if arg is not None else get_config()
+
+
+def load_config(config: Any) -> dict[str, Any]:
+    """A Scenic experiment config as plain nested dicts.
+
+    ``config``: a dict or ``ml_collections.ConfigDict``; or a path to a Scenic config ``.py`` (its
+    ``get_config()`` is called; ``path.py:ARG`` calls ``get_config(ARG)``, e.g. ``...config.py:runlocal``)
+    or to a ``.json`` file (a config dict, or a training case's ``config.json`` holding one under ``config``).
+    """
+    if isinstance(config, (str, os.PathLike)):
+        text = os.fspath(config)
+        arg = None
+        if ".py:" in text:
+            text, arg = text.rsplit(":", 1)
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        if path.suffix == ".py":
+            config = _from_py(path, arg)
+        elif path.suffix == ".json":
+            try:
+                config = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+            if isinstance(config, dict) and "config" in config and "dataset_meta_data" in config:
+                config = config["config"]
+        else:
+            raise ConfigError(f"{path}: expected a Scenic config .py (with get_config()) or a .json file")
+    plain = to_plain(config)
+    if not isinstance(plain, dict):
+        raise ConfigError(f"a config must be a dict, a ConfigDict or a path, got {type(config).__name__}")
+    return plain

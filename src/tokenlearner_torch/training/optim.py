@@ -1,0 +1,411 @@
+"""Scenic's optimisers (``scenic/train_lib/optimizers.py``) as a ``torch.optim.Optimizer`` in optax's order.
+
+Scenic turns ``config.optimizer`` + ``config.optimizer_configs`` into an optax chain
+(:func:`get_optax_optimizer_config`, then :func:`scenic_optimizer`). :class:`OptaxChain` runs such a chain
+on PyTorch parameters: each step takes ``p.grad``, passes it through the transforms in order and adds the
+result to ``p`` (optax's ``apply_updates``). Where a stock torch optimiser differs from optax:
+
+* ``torch.optim.Adam(W)``: epsilon is added to ``sqrt(nu) / sqrt(bias_correction2)``; optax adds it to
+  ``sqrt(nu / bias_correction2)``. ``AdamW`` decays with ``p *= 1 - lr*wd`` before the Adam step; optax adds
+  ``wd*p`` to the Adam direction and then scales the sum by ``-lr`` (the same in exact arithmetic, different
+  rounding, and optax's decay can be masked per parameter).
+* ``torch.optim.SGD(momentum, nesterov)``: ``buf = m*buf + g`` is the same as optax's trace, but torch's first
+  step copies ``g`` into the buffer, and weight decay is added before the momentum, as optax's
+  ``add_decayed_weights`` placed before ``sgd`` in Scenic's chain (coupled, scaled by lr and momentum).
+* Scenic's learning rate is a function of optax's own step count, read before the increment.
+
+Masks and norms use the Flax view of the parameters (``flax_ndim``): Scenic's ``skip_scale_and_bias_regularization``
+mask is ``ndim != 1`` on Flax shapes, so attention query/key/value biases (Flax ``[heads, head_dim]``) are decayed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+
+__all__ = [
+    "ParamSpec",
+    "Transform",
+    "ScaleByAdam",
+    "Trace",
+    "AddDecayedWeights",
+    "ClipByGlobalNorm",
+    "ScaleByLearningRate",
+    "SetToZero",
+    "Masked",
+    "OptaxChain",
+    "get_optax_optimizer_config",
+    "scenic_optimizer",
+    "weight_decay_mask",
+    "global_norm",
+    "clip_grads",
+    "named_specs",
+]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter with its Flax path (``'Transformer/encoder_norm/scale'``) and its Flax rank."""
+
+    name: str
+    param: Tensor
+    flax_ndim: int
+
+
+def _f32(x: float, like: Tensor) -> Tensor:
+    """A Python number rounded to the tensor's dtype, as JAX does with weakly typed scalars."""
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """sqrt(sum of squares), leaf by leaf in order (Scenic's l2_norm / optax.tree.norm)."""
+    total = None
+    for t in tensors:
+        sq = torch.sum(t * t)
+        total = sq if total is None else total + sq
+    if total is None:
+        return torch.zeros(())
+    return torch.sqrt(total)
+
+
+def clip_grads(grads: Sequence[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
+    """Scenic's trainer clipping (``jax.example_libraries.optimizers.clip_grads``): ``g * (max/norm)`` if
+    ``norm >= max``. Returns the clipped gradients and the norm before clipping."""
+    norm = global_norm(grads)
+    if bool(norm < max_norm):
+        return list(grads), norm
+    scale = _f32(max_norm, norm) / norm
+    return [g * scale for g in grads], norm
+
+
+class Transform:
+    """One optax GradientTransformation on lists of tensors; state lives in per-parameter dicts."""
+
+    def init(self, specs: Sequence[ParamSpec], states: Sequence[dict]) -> None:  # pragma: no cover - trivial
+        pass
+
+    def update(self, updates: list[Tensor], specs: Sequence[ParamSpec], states: Sequence[dict]) -> list[Tensor]:
+        raise NotImplementedError
+
+
+class _Counted(Transform):
+    """A transform with optax's int32 ``count`` (kept per parameter, so that ``state_dict`` holds it)."""
+
+    key = "count"
+
+    def init(self, specs, states):
+        for s in states:
+            s[self.key] = torch.zeros((), dtype=torch.int32)
+
+    def _count(self, states) -> int:
+        return int(states[0][self.key]) if states else 0
+
+    def _advance(self, states) -> None:
+        for s in states:
+            s[self.key] = s[self.key] + 1
+
+
+class ScaleByAdam(_Counted):
+    """optax.scale_by_adam: ``m/(1-b1^t) / (sqrt(v/(1-b2^t) + eps_root) + eps)``."""
+
+    def __init__(self, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+                 nesterov: bool = False) -> None:  # fmt: skip
+        self.b1, self.b2, self.eps, self.eps_root, self.nesterov = b1, b2, eps, eps_root, nesterov
+
+    def init(self, specs, states):
+        super().init(specs, states)
+        for spec, s in zip(specs, states):
+            s["mu"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
+            s["nu"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
+
+    @staticmethod
+    def _bias_correction(decay: float, count: int, like: Tensor) -> Tensor:
+        # optax: 1 - decay**count evaluated in float32 (pow of two float32 values).
+        return 1 - torch.pow(torch.tensor(decay, dtype=torch.float32), torch.tensor(float(count), dtype=torch.float32)).to(like.dtype)
+
+    def update(self, updates, specs, states):
+        count = self._count(states) + 1
+        out = []
+        for g, s in zip(updates, states):
+            mu = _f32(1 - self.b1, g) * g + _f32(self.b1, g) * s["mu"]
+            nu = _f32(1 - self.b2, g) * (g * g) + _f32(self.b2, g) * s["nu"]
+            if self.nesterov:
+                mu_hat = _f32(self.b1, g) * (mu / self._bias_correction(self.b1, count + 1, g)) + _f32(1 - self.b1, g) * (
+                    g / self._bias_correction(self.b1, count, g))
+            else:
+                mu_hat = mu / self._bias_correction(self.b1, count, g)
+            nu_hat = nu / self._bias_correction(self.b2, count, g)
+            out.append(mu_hat / (torch.sqrt(nu_hat + _f32(self.eps_root, g)) + _f32(self.eps, g)))
+            s["mu"], s["nu"] = mu, nu
+        self._advance(states)
+        return out
+
+
+class Trace(Transform):
+    """optax.trace (sgd momentum): ``t = g + decay*t``; the update is ``t`` (or ``g + decay*t`` for nesterov)."""
+
+    def __init__(self, decay: float, nesterov: bool = False) -> None:
+        self.decay, self.nesterov = decay, nesterov
+
+    def init(self, specs, states):
+        for spec, s in zip(specs, states):
+            s["trace"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
+
+    def update(self, updates, specs, states):
+        out = []
+        for g, s in zip(updates, states):
+            d = _f32(self.decay, g)
+            t = g + d * s["trace"]
+            s["trace"] = t
+            out.append(g + d * t if self.nesterov else t)
+        return out
+
+
+class AddDecayedWeights(Transform):
+    """optax.add_decayed_weights: ``u + wd * p`` (Scenic places it before sgd, or inside adamw)."""
+
+    def __init__(self, weight_decay: float) -> None:
+        self.weight_decay = weight_decay
+
+    def update(self, updates, specs, states):
+        if self.weight_decay == 0.0:
+            return updates
+        return [u + _f32(self.weight_decay, u) * spec.param for u, spec in zip(updates, specs)]
+
+
+class ClipByGlobalNorm(Transform):
+    """optax.clip_by_global_norm (Scenic's ``grad_clip_configs``): ``(u / norm) * max`` unless ``norm < max``."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def update(self, updates, specs, states):
+        norm = global_norm(updates)
+        if bool(norm < self.max_norm):
+            return updates
+        return [(u / norm) * _f32(self.max_norm, u) for u in updates]
+
+
+class ScaleByLearningRate(_Counted):
+    """optax.scale_by_learning_rate(schedule): ``-lr_fn(count) * u``, then ``count += 1``."""
+
+    def __init__(self, lr_fn: Callable[[int], Any]) -> None:
+        self.lr_fn = lr_fn
+
+    def update(self, updates, specs, states):
+        lr = float(np.float32(self.lr_fn(self._count(states))))
+        out = [_f32(-lr, u) * u for u in updates]
+        self._advance(states)
+        return out
+
+
+class SetToZero(Transform):
+    """optax.set_to_zero."""
+
+    def update(self, updates, specs, states):
+        return [torch.zeros_like(u) for u in updates]
+
+
+class Masked(Transform):
+    """optax.masked: the inner transforms see only the parameters whose mask is True; others pass unchanged."""
+
+    def __init__(self, inner: Sequence[Transform], mask: Sequence[bool], prefix: str) -> None:
+        self.inner, self.mask, self.prefix = list(inner), list(mask), prefix
+
+    def _select(self, items):
+        return [x for x, m in zip(items, self.mask) if m]
+
+    def _sub_states(self, states, i):
+        key = f"{self.prefix}{i}"
+        return [s.setdefault(key, {}) for s in self._select(states)]
+
+    def init(self, specs, states):
+        for i, t in enumerate(self.inner):
+            t.init(self._select(specs), self._sub_states(states, i))
+
+    def update(self, updates, specs, states):
+        sel = self._select(updates)
+        for i, t in enumerate(self.inner):
+            sel = t.update(sel, self._select(specs), self._sub_states(states, i))
+        it = iter(sel)
+        return [next(it) if m else u for u, m in zip(updates, self.mask)]
+
+
+class OptaxChain(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that applies an optax chain of :class:`Transform` s, in order.
+
+    ``specs``: the parameters with their Flax paths and ranks, in the order of Scenic's parameter tree
+    (sorted Flax paths: the order of global norms). ``step()`` reads ``p.grad`` (missing ones count as 0)
+    and sets ``p <- p + update``. ``last_updates_norm`` holds the global norm of the last updates
+    (Scenic's ``l2_updates``). The transforms' state is per parameter in ``self.state[p]`` under
+    ``'<index>/<name>'``, so ``state_dict()`` saves it.
+    """
+
+    def __init__(self, specs: Sequence[ParamSpec], transforms: Sequence[Transform]) -> None:
+        self.specs = list(specs)
+        self.transforms = list(transforms)
+        super().__init__([s.param for s in self.specs], {})
+        self.last_updates_norm: Optional[Tensor] = None
+        self._states = [self.state[s.param] for s in self.specs]
+        for i, t in enumerate(self.transforms):
+            t.init(self.specs, self._sub_states(i))
+
+    def _sub_states(self, i: int) -> list[dict]:
+        return [st.setdefault(str(i), {}) for st in self._states]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        updates = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
+        for i, t in enumerate(self.transforms):
+            updates = t.update(updates, self.specs, self._sub_states(i))
+        for s, u in zip(self.specs, updates):
+            s.param.add_(u.to(s.param.dtype))
+        self.last_updates_norm = global_norm(updates)
+        return loss
+
+    def optax_state(self, index: int, key: str) -> dict[str, Tensor]:
+        """The per-parameter state ``key`` of transform ``index`` (e.g. ``(0, 'mu')``), keyed by Flax path."""
+        return {s.name: st[str(index)][key] for s, st in zip(self.specs, self._states) if key in st[str(index)]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scenic's translation of its config into an optax chain.
+
+_OPTAX_KWARGS = {
+    "adam": {"b1", "b2", "eps", "eps_root", "mu_dtype", "nesterov"},
+    "adamw": {"b1", "b2", "eps", "eps_root", "mu_dtype", "weight_decay", "mask", "nesterov"},
+    "sgd": {"momentum", "nesterov", "accumulator_dtype"},
+}
+
+
+def get_optax_optimizer_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Scenic's ``get_optax_optimizer_config``: the old ``config.optimizer`` names to optax's.
+
+    ``'adam'`` + ``weight_decay`` -> ``'adamw'``; ``'momentum'`` -> ``'sgd'`` with momentum 0.9 unless given
+    (flax.optim's default); ``'nesterov'`` -> ``'sgd'`` + ``nesterov=True`` (no default momentum: Scenic quirk,
+    plain SGD); beta1/beta2/epsilon -> b1/b2/eps; ``skip_scale_and_bias_regularization`` and
+    ``grad_clip_configs`` are carried over.
+    """
+    opt_cfg = dict(config.get("optimizer_configs") or {})
+    if "optimizer" in opt_cfg:
+        if "optimizer" in config:
+            raise ConfigError("both config.optimizer and config.optimizer_configs.optimizer are defined; define it once")
+        return opt_cfg
+    if "optimizer" in config:
+        name = config["optimizer"]
+        opt_cfg["optimizer"] = name
+        if name == "adam" and "weight_decay" in opt_cfg:
+            opt_cfg["optimizer"] = "adamw"
+        if name == "momentum":
+            opt_cfg["optimizer"] = "sgd"
+            opt_cfg.setdefault("momentum", 0.9)
+        if name == "nesterov":
+            opt_cfg["optimizer"] = "sgd"
+            opt_cfg["nesterov"] = True
+    if "skip_scale_and_bias_regularization" in config:
+        opt_cfg["skip_scale_and_bias_regularization"] = config["skip_scale_and_bias_regularization"]
+    for old, new in (("beta1", "b1"), ("beta2", "b2"), ("epsilon", "eps")):
+        if old in opt_cfg:
+            opt_cfg[new] = opt_cfg.pop(old)
+    if "grad_clip_configs" in config:
+        opt_cfg["grad_clip"] = config["grad_clip_configs"]
+    return opt_cfg
+
+
+def weight_decay_mask(specs: Sequence[ParamSpec]) -> list[bool]:
+    """Scenic's ``skip_scale_and_bias_regularization`` mask: decay where the Flax rank is not 1."""
+    return [s.flax_ndim != 1 for s in specs]
+
+
+def _optimizer_transforms(name: str, kwargs: dict[str, Any], lr_fn, mask: Optional[list[bool]]) -> list[Transform]:
+    allowed = _OPTAX_KWARGS.get(name)
+    if allowed is None:
+        raise ConfigError(f"optimizer {name!r} is not supported by the port; supported: adam, adamw, sgd "
+                          "(Scenic's 'momentum' and 'nesterov' become sgd)")  # fmt: skip
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ConfigError(f"optax.{name} has no argument(s) {unknown} (from config.optimizer_configs); expected {sorted(allowed)}")
+    for dtype_key in ("mu_dtype", "accumulator_dtype"):
+        if kwargs.get(dtype_key) not in (None, "float32"):
+            raise ConfigError(f"optimizer_configs.{dtype_key}={kwargs[dtype_key]!r} is not supported (float32 only)")
+    lr = ScaleByLearningRate(lr_fn)
+    if name in ("adam", "adamw"):
+        adam = ScaleByAdam(kwargs.get("b1", 0.9), kwargs.get("b2", 0.999), kwargs.get("eps", 1e-8),
+                           kwargs.get("eps_root", 0.0), bool(kwargs.get("nesterov", False)))  # fmt: skip
+        if name == "adam":
+            return [adam, lr]
+        # optax.adamw's default weight_decay is 1e-4 (used when config.optimizer is 'adamw' without one).
+        decay: Transform = AddDecayedWeights(kwargs.get("weight_decay", 1e-4))
+        if mask is not None:
+            decay = Masked([decay], mask, prefix="masked")
+        return [adam, decay, lr]
+    momentum = kwargs.get("momentum")
+    first: Transform = Trace(momentum, bool(kwargs.get("nesterov", False))) if momentum is not None else _Identity()
+    return [first, lr]
+
+
+class _Identity(Transform):
+    def update(self, updates, specs, states):
+        return updates
+
+
+def scenic_optimizer(optimizer_config: Mapping[str, Any], lr_fn: Callable[[int], Any],
+                     specs: Sequence[ParamSpec]) -> OptaxChain:  # fmt: skip
+    """Scenic's ``get_optimizer(optimizer_config, lr_fn, params)`` as an :class:`OptaxChain`.
+
+    ``optimizer_config`` is the result of :func:`get_optax_optimizer_config`. The chain is built as Scenic
+    builds it: [add_decayed_weights (sgd + weight_decay)] [clip (grad_clip)] optimizer [set_to_zero on
+    frozen params], with the optimizer masked to the unfrozen params when ``freeze_params_reg_exp`` is set.
+    """
+    cfg = dict(optimizer_config)
+    if "optimizer" not in cfg:
+        raise ConfigError("config.optimizer (or optimizer_configs.optimizer) is required")
+    name = cfg.pop("optimizer")
+    mask = None
+    skip = cfg.pop("skip_scale_and_bias_regularization", None)
+    if skip and cfg.get("weight_decay", 0):
+        mask = weight_decay_mask(specs)
+    ops: list[Transform] = []
+    if name == "sgd" and "weight_decay" in cfg:
+        wd = cfg.pop("weight_decay")
+        if wd:
+            ops.append(AddDecayedWeights(wd) if mask is None else Masked([AddDecayedWeights(wd)], mask, prefix="masked"))
+    grad_clip = cfg.pop("grad_clip", None)
+    if grad_clip is not None:
+        method, value = grad_clip.get("clip_method"), grad_clip.get("clip_value")
+        if method is not None and value is not None:
+            if method != "clip_by_global_norm":
+                raise ConfigError(f"grad_clip_configs.clip_method {method!r} is not supported; the port has clip_by_global_norm")
+            ops.append(ClipByGlobalNorm(value))
+    freeze_re = cfg.pop("freeze_params_reg_exp", None)
+    unfreeze = None
+    if freeze_re is not None:
+        pattern = re.compile(freeze_re)
+        frozen = [bool(pattern.search(s.name)) for s in specs]
+        if all(frozen):
+            raise ConfigError("freeze_params_reg_exp matched all parameters in the model; nothing would train")
+        unfreeze = [not f for f in frozen]
+    opt = _optimizer_transforms(name, cfg, lr_fn, mask if name == "adamw" else None)
+    if unfreeze is None:
+        ops.extend(opt)
+    else:
+        ops.append(Masked(opt, unfreeze, prefix="opt"))
+        ops.append(Masked([SetToZero()], [not u for u in unfreeze], prefix="zero"))
+    return OptaxChain(specs, ops)
+
+
+def named_specs(items: Iterable[tuple[str, Tensor, int]]) -> list[ParamSpec]:
+    """ParamSpecs sorted as JAX orders a Flax tree (by path components)."""
+    specs = [ParamSpec(n, p, d) for n, p, d in items]
+    return sorted(specs, key=lambda s: tuple(s.name.split("/")))

@@ -1,0 +1,218 @@
+"""``ScenicTrainer``: Scenic's ``classification_trainer.train_step`` for TokenLearner, from a Scenic config.
+
+A thin composition of standard pieces, each an attribute you can use on its own: ``model`` (the port's
+``TokenLearnerViT``), ``loss_fn`` (:class:`~.losses.ScenicClassificationLoss`), ``lr_fn`` (Scenic's schedule,
+``step -> float32``) and ``optimizer`` (an :class:`~.optim.OptaxChain`, a ``torch.optim.Optimizer``).
+One step, in Scenic's order: forward in train mode -> loss (+ l2 term) -> gradients -> global norm ->
+trainer clipping (``max_grad_norm``) -> the optax chain -> ``global_step += 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+from .config import cfg_get, load_config
+from .losses import ScenicClassificationLoss
+from .optim import OptaxChain, ParamSpec, clip_grads, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
+from .schedules import get_learning_rate_fn
+from .surgery import init_token_learner_from_train_state
+
+__all__ = ["ScenicTrainer", "MODEL_NAMES", "build_model"]
+
+# Scenic's registry names (config.model_name) of the TokenLearner model classes, and their loss.
+MODEL_NAMES = {
+    "token_learner_classification": "softmax",  # TokenLearnerClassificationModel
+    "token_learner_multilabel_classification": "sigmoid",  # TokenLearnerMultilabelClassificationModel
+}
+
+
+def build_model(config: Mapping[str, Any], dataset_meta_data: Mapping[str, Any]) -> torch.nn.Module:
+    """The port's ``TokenLearnerViT`` as Scenic's model classes build it (``build_flax_model``)."""
+    from ..models import TokenLearnerViT
+
+    model = cfg_get(config, "model")
+    try:
+        return TokenLearnerViT(
+            num_classes=int(dataset_meta_data["num_classes"]),
+            mlp_dim=model["mlp_dim"],
+            num_layers=model["num_layers"],
+            num_heads=model["num_heads"],
+            tokenizer=model["tokenizer"],
+            hidden_size=model["hidden_size"],
+            representation_size=model.get("representation_size"),
+            classifier=model.get("classifier", "gap"),
+            dropout_rate=model.get("dropout_rate", 0.1),
+            attention_dropout_rate=model.get("attention_dropout_rate", 0.1),
+            dtype=config.get("model_dtype_str", "float32"),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.model.{e.args[0]} is required by TokenLearnerViT") from e
+
+
+def _tensor(value: Any, device: torch.device, name: str) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise ShapeError(f"batch['{name}'] is not a numeric array")
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+
+
+class ScenicTrainer:
+    """Train a TokenLearner model exactly as Scenic's classification_trainer does.
+
+    ``config``: a Scenic experiment config (dict, ConfigDict, a ``.py`` with ``get_config()`` or a ``.json``);
+    ``dataset_meta_data``: ``num_classes``, ``input_shape`` (``(-1, H, W, C)`` or ``(-1, T, H, W, C)``),
+    ``target_is_onehot``. The model starts from Scenic's initialisation for the config (torch RNG seeded with
+    ``config.rng_seed``; ``init_head_bias`` on ``output_projection/bias``); :meth:`load_params` replaces it.
+    """
+
+    def __init__(self, config: Any, dataset_meta_data: Mapping[str, Any], *, device: str | torch.device = "cpu") -> None:
+        self.config = load_config(config)
+        self.dataset_meta_data = dict(dataset_meta_data)
+        self.device = torch.device(device)
+        model_name = self.config.get("model_name")
+        if model_name not in MODEL_NAMES:
+            raise ConfigError(f"config.model_name {model_name!r} is not a TokenLearner classification model; "
+                              f"expected one of {sorted(MODEL_NAMES)}")  # fmt: skip
+        mixup = self.config.get("mixup") or {}
+        if mixup.get("alpha"):
+            raise ConfigError("config.mixup is not supported by ScenicTrainer (Scenic draws it from its JAX RNG)")
+        for key in ("num_classes", "input_shape"):
+            if key not in self.dataset_meta_data:
+                raise ConfigError(f"dataset_meta_data['{key}'] is required")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.config.get("rng_seed", 0) or 0))
+            self.model = build_model(self.config, self.dataset_meta_data).to(self.device)
+            shape = (1, *[int(d) for d in self.dataset_meta_data["input_shape"][1:]])
+            with torch.no_grad():  # creates the input-dependent parameters with Scenic's initialisers
+                self.model.eval()(torch.zeros(shape, device=self.device))
+        head_bias = self.config.get("init_head_bias")
+        if head_bias is not None:  # Scenic's initialize_model: output_projection/bias = init_head_bias
+            with torch.no_grad():
+                self.model.output_projection.bias.fill_(float(head_bias))
+        self.model.train()
+        self.loss_fn = ScenicClassificationLoss(
+            MODEL_NAMES[model_name],
+            num_classes=int(self.dataset_meta_data["num_classes"]),
+            target_is_onehot=bool(self.dataset_meta_data.get("target_is_onehot", False)),
+            label_smoothing=self.config.get("label_smoothing"),
+            l2_decay_factor=self.config.get("l2_decay_factor"),
+        )
+        self.lr_fn = get_learning_rate_fn(self.config)
+        self.optimizer_config = get_optax_optimizer_config(self.config)
+        self._reset_optimizer()
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def _reset_optimizer(self) -> None:
+        """Scenic's ``tx.init(params)`` and ``global_step = 0``."""
+        from ..weights_convert.mapping import iter_leaves, torch_to_flax
+        from ..weights_convert.layouts import flatten_tree
+
+        flat = flatten_tree(torch_to_flax(self.model))
+        named = dict(self.model.named_parameters())
+        self._torch_key = {}
+        items = []
+        for torch_key, flax_path in iter_leaves(self.model):
+            self._torch_key[flax_path] = torch_key
+            items.append((flax_path, named[torch_key], np.ndim(flat[flax_path])))
+        self.specs: list[ParamSpec] = named_specs(items)
+        self.optimizer: OptaxChain = scenic_optimizer(self.optimizer_config, self.lr_fn, self.specs)
+        self.global_step = 0
+
+    def load_params(self, params: Mapping[str, Any]) -> None:
+        """Set the parameters from a Flax ``params`` tree; the optimiser starts afresh (step 0), as Scenic's."""
+        from ..weights_convert.mapping import flax_to_torch
+
+        state = flax_to_torch(self.model, params)
+        current = self.model.state_dict()
+        state = {k: v.to(dtype=current[k].dtype) for k, v in state.items()}
+        self.model.load_state_dict(state, strict=True)
+        self._reset_optimizer()
+
+    def params(self) -> dict[str, Any]:
+        """The current parameters as a Flax ``params`` tree (nested dicts of numpy arrays)."""
+        from ..weights_convert.mapping import torch_to_flax
+
+        return torch_to_flax(self.model)
+
+    def optimizer_state(self, key: str) -> dict[str, Any]:
+        """One per-parameter optax state (``'mu'``, ``'nu'``, ``'trace'``) as a Flax tree."""
+        from ..weights_convert.mapping import torch_to_flax
+
+        for i in range(len(self.optimizer.transforms)):
+            found = self.optimizer.optax_state(i, key)
+            if found:
+                return torch_to_flax(self.model, {self._torch_key[n]: t for n, t in found.items()})
+        raise KeyError(f"the optimizer has no state {key!r}")
+
+    def init_from_train_state(self, restored_params: Mapping[str, Any], restored_config: Any = None) -> None:
+        """Scenic's fine-tuning surgery (``init_token_learner_from_train_state``) from a restored source model.
+
+        ``restored_config``: the source's experiment config (default ``config.init_from.model_config``).
+        The result is loaded and the optimiser starts afresh at step 0 (Scenic: ``tx.init``, step 0).
+        """
+        if restored_config is None:
+            restored_config = cfg_get(self.config, "init_from.model_config", None)
+            if restored_config is None:
+                raise ConfigError("init_from_train_state: pass restored_config or set config.init_from.model_config")
+        new = init_token_learner_from_train_state(self.params(), restored_params, self.config, load_config(restored_config))
+        self.load_params(new)
+
+    # -- training --------------------------------------------------------------------------------------
+    def _batch(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        for key in ("inputs", "label"):
+            if key not in batch:
+                raise ShapeError(f"batch['{key}'] is required (Scenic's batch: inputs, label[, batch_mask])")
+        inputs = _tensor(batch["inputs"], self.device, "inputs").to(torch.float32)
+        label = _tensor(batch["label"], self.device, "label")
+        mask = batch.get("batch_mask")
+        mask_t = None if mask is None else _tensor(mask, self.device, "batch_mask").to(torch.float32)
+        if inputs.shape[0] != label.shape[0] or (mask_t is not None and mask_t.shape[0] != inputs.shape[0]):
+            raise ShapeError(f"batch: inputs {tuple(inputs.shape)}, label {tuple(label.shape)} and batch_mask must share the batch size")
+        return inputs, label, mask_t
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """One Scenic training step on ``batch`` (``inputs`` [B, H, W, C] or [B, T, H, W, C], ``label``,
+        optional ``batch_mask`` [B]; numpy or torch).
+
+        Returns ``loss`` (the differentiated objective), ``learning_rate`` (``lr_fn(step)`` before the update),
+        ``grad_norm`` (global gradient norm before clipping), ``l2_grads`` (after clipping, Scenic's log),
+        ``l2_params``, ``l2_updates`` and ``metrics`` (``{name: (sum, normalizer)}``, Scenic's train metrics).
+        """
+        inputs, label, mask = self._batch(batch)
+        self.model.train()
+        logits = self.model(inputs)
+        l2 = [s.param for s in self.specs if s.flax_ndim > 1] if self.loss_fn.l2_decay_factor is not None else None
+        loss = self.loss_fn(logits, label, mask, l2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            grads = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
+            norm = global_norm(grads)
+            logged = norm
+            max_norm = self.config.get("max_grad_norm")
+            if max_norm is not None:
+                clipped, _ = clip_grads(grads, float(max_norm))
+                for s, g in zip(self.specs, clipped):
+                    s.param.grad = g
+                logged = global_norm(clipped)
+        lr = self.lr_fn(self.global_step)
+        self.optimizer.step()
+        self.global_step += 1
+        with torch.no_grad():
+            l2_params = global_norm([s.param for s in self.specs])
+        return {
+            "loss": float(loss.detach()),
+            "learning_rate": float(lr),
+            "grad_norm": float(norm),
+            "l2_grads": float(logged),
+            "l2_params": float(l2_params),
+            "l2_updates": float(self.optimizer.last_updates_norm),
+            "metrics": self.loss_fn.metrics(logits.detach(), label, mask),
+        }

@@ -1,0 +1,112 @@
+"""ScenicTrainer against genuine Scenic training runs (tests/fixtures/train_goldens): per-step loss, learning
+rate and pre-clip gradient norm, the surgery result, and the parameters and optax state after K steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from goldens import scaled_error
+from train_goldens import TRAIN_CASES, TrainCase
+
+from tokenlearner_torch.training import ScenicTrainer
+from tokenlearner_torch.weights_convert.layouts import flatten_tree
+
+LOSS_RTOL, LR_TOL, GRAD_NORM_RTOL = 1e-5, 1e-6, 1e-5
+PARAM_TOL, NOISE_PARAM_TOL, SURGERY_TOL = 1e-4, 1e-2, 1e-6
+
+
+def _run(case: TrainCase):
+    trainer = ScenicTrainer(case.config, case.dataset_meta_data)
+    surgery_err = None
+    if case.is_surgery:
+        trainer.load_params(case.tree("params_target_init"))
+        trainer.init_from_train_state(case.tree("params_restored"), case.meta["surgery"]["source_config"])
+        ref, got = flatten_tree(case.tree("params_after_surgery")), flatten_tree(trainer.params())
+        assert set(got) == set(ref)
+        surgery_err = {k: scaled_error(got[k], ref[k]) for k in ref}
+    else:
+        trainer.load_params(case.tree("params_init"))
+    logs = [trainer.train_step(case.batch(k)) for k in range(len(case.steps))]
+    return trainer, logs, surgery_err
+
+
+_RESULTS: dict = {}
+SURGERY_CASES = [name for name in TRAIN_CASES if TrainCase(name).is_surgery]
+
+
+def _result(name: str):
+    if name not in _RESULTS:  # each case is trained once per session, for all the tests below
+        case = TrainCase(name)
+        _RESULTS[name] = (case, *_run(case))
+    return _RESULTS[name]
+
+
+@pytest.fixture(params=TRAIN_CASES)
+def run(request):
+    return _result(request.param)
+
+
+@pytest.mark.parametrize("name", SURGERY_CASES)
+def test_surgery_matches_scenic(name):
+    case, _, _, surgery_err = _result(name)
+    worst = max(surgery_err, key=surgery_err.get)
+    assert surgery_err[worst] <= SURGERY_TOL, f"{case.name}: {worst} differs by {surgery_err[worst]:.3g} after surgery"
+
+
+def test_steps_match_scenic(run):
+    case, _, logs, _ = run
+    for k, (log, ref) in enumerate(zip(logs, case.steps)):
+        assert abs(log["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), (case.name, k, log["loss"], ref["loss"])
+        assert abs(log["learning_rate"] - ref["learning_rate"]) <= LR_TOL * max(abs(ref["learning_rate"]), 1e-3), (
+            case.name, k, log["learning_rate"], ref["learning_rate"])
+        g_ref = ref["grad_norm_pre_clip"]
+        assert abs(log["grad_norm"] - g_ref) <= GRAD_NORM_RTOL * g_ref, (case.name, k, log["grad_norm"], g_ref)
+        assert abs(log["l2_grads"] - ref["l2_grads_logged"]) <= GRAD_NORM_RTOL * ref["l2_grads_logged"]
+        assert log["metrics"]["loss"][1] == ref["metrics"]["loss"][1]
+        assert abs(log["metrics"]["loss"][0] - ref["metrics"]["loss"][0]) <= LOSS_RTOL * abs(ref["metrics"]["loss"][0])
+
+
+def test_final_params_match_scenic(run):
+    case, trainer, _, _ = run
+    ref, got = flatten_tree(case.tree("params_final")), flatten_tree(trainer.params())
+    assert set(got) == set(ref)
+    failures = []
+    for path in sorted(ref):
+        tol = NOISE_PARAM_TOL if path in case.noise_sensitive else PARAM_TOL
+        err = scaled_error(got[path], ref[path])
+        if err > tol:
+            failures.append(f"{path}: {err:.3g} > {tol}")
+    assert not failures, f"{case.name}: " + "; ".join(failures)
+    assert trainer.global_step == len(case.steps)
+
+
+def _optax_leaves(node, key):
+    """The {'mu': tree} style entries of a stored optax state, found by name anywhere in the chain."""
+    if isinstance(node, dict):
+        if key in node:
+            return node[key]
+        for value in node.values():
+            found = _optax_leaves(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def test_final_optimizer_state_matches_scenic(run):
+    case, trainer, _, _ = run
+    compared = 0
+    for key in ("mu", "nu", "trace"):
+        stored = _optax_leaves(case.opt_state, key)
+        if stored is None:
+            continue
+        ref, got = flatten_tree(stored), flatten_tree(trainer.optimizer_state(key))
+        assert set(got) == set(ref)
+        for path in ref:
+            if path in case.noise_sensitive:
+                continue
+            ref_arr = np.asarray(ref[path], dtype=np.float64)
+            # nu is a mean of squares: compare it relative to its own scale.
+            err = np.abs(got[path] - ref_arr).max() / max(np.abs(ref_arr).max(), 1e-30 if key == "nu" else 1.0)
+            assert err <= (1e-4 if key != "nu" else 1e-3), f"{case.name}: {key}/{path} differs by {err:.3g}"
+            compared += 1
+    assert compared > 0
