@@ -1,0 +1,173 @@
+"""Token maps (tokenlearner_torch.viz) against what the genuine-Scenic goldens imply, and the pictures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tokenlearner_torch as tl
+from tokenlearner_torch.viz import token_diversity, token_maps
+from tokenlearner_torch.weights_convert import flax_to_torch
+
+from goldens import Golden
+
+# The layout each golden's maps must come in: a structural fact of the case (the module's input, the ViT's
+# patch grid, the video folding), and how many frames/grid to expect.
+EXPECTED = {
+    "v11_tokens3d": ("BSN", None, None),           # [2,196,64]: a sequence, the grid is not known
+    "v11_tokens4d": ("BSHW", None, (7, 7)),       # its own [2,7,7,64] input
+    "v1_sum4d": ("BSHW", None, (8, 8)),
+    "v1_mean3d": ("BSHW", None, (8, 8)),          # v1 reshapes [B,64,C] to a square 8x8 grid
+    "fuser_norm": ("BSN", None, None),
+    "fuser_4d_original": ("BSHW", None, (7, 7)),  # original [2,7,7,64]
+    "encoder_mod_image": ("BSN", None, None),
+    "encoder_fuser_video_t2": ("BTSN", 2, None),  # temporal_dimensions=2 folds [2,98,C] to [4,49,C]
+    "vit_image_cls": ("BSHW", None, (4, 4)),      # 32x32 image, 8x8 patches
+    "vit_video_3dconv": ("BTSHW", 2, (4, 4)),     # 4 frames, tubelets of 2 -> 2 token frames
+}
+
+
+def _model(g: Golden) -> torch.nn.Module:
+    model = tl.from_scenic(g.config["scenic_class"], g.config["constructor_kwargs"])
+    model.load_state_dict(flax_to_torch(model, g.params), strict=True)
+    return model
+
+
+def _implied(g: Golden, key: str, layout: str, frames, grid) -> np.ndarray:
+    """Scenic's map from the stored intermediate: softmax (V1.1) / sigmoid (v1, TokenFuser), our axes."""
+    prefix = "" if key in ("TokenLearnerModuleV11", "TokenLearnerModule", "TokenFuser") else key + "/"
+    if key.split("/")[-1].startswith("TokenLearnerModule") and "V11" not in key:
+        conv = g.outputs[f"inter/{prefix}Conv_3"].astype(np.float64)  # [B', H, W, S] (Flax layout)
+        maps = 1 / (1 + np.exp(-conv))
+        maps = maps.reshape(maps.shape[0], -1, maps.shape[-1]).transpose(0, 2, 1)  # [B', S, N]
+    else:
+        logits = g.outputs[f"inter/{prefix}token_masking"].astype(np.float64)  # [B', N, S]
+        if "TokenFuser" in key:
+            maps = 1 / (1 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            maps = e / e.sum(axis=1, keepdims=True)
+        maps = maps.transpose(0, 2, 1)
+    b = g.inputs[0].shape[0]
+    if grid is not None:
+        maps = maps.reshape(*maps.shape[:2], *grid)
+    if frames is not None:
+        maps = maps.reshape(b, frames, *maps.shape[1:])
+    return maps
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_maps_equal_what_scenics_intermediates_imply(name):
+    g = Golden(name)
+    model = _model(g)
+    inputs = [torch.from_numpy(x) for x in g.inputs]
+    with torch.no_grad():
+        plain = model(*inputs)
+    maps = token_maps(model, *inputs)
+    layout, frames, grid = EXPECTED[name]
+    cls = g.config["scenic_class"].rsplit(".", 1)[-1]
+    expected_keys = set()
+    for k in g.outputs:
+        for leaf in ("token_masking", "Conv_3"):
+            if k == f"inter/{leaf}":
+                expected_keys.add(cls)
+            elif k.endswith(f"/{leaf}"):
+                expected_keys.add(k[len("inter/") : -len(leaf) - 1])
+    assert set(maps) == expected_keys, (set(maps), expected_keys)
+    for key, m in maps.items():
+        assert maps.layout[key] == layout, (key, maps.layout[key])
+        ref = _implied(g, key, layout, frames, grid)
+        assert tuple(m.shape) == ref.shape, (key, tuple(m.shape), ref.shape)
+        err = np.abs(m.numpy().astype(np.float64) - ref).max()
+        assert err <= 1e-5, (key, err)
+    # hooks left nothing behind and changed nothing
+    with torch.no_grad():
+        again = model(*inputs)
+    assert torch.equal(plain, again)
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Maps of the classes without a golden: v1 inside a ViT, TokenLearnerViTRepresentation, temporal sampling.
+
+
+def _vit(tokenizer: dict, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tl.TokenLearnerViT(num_classes=3, mlp_dim=32, num_layers=2, num_heads=2, tokenizer=tokenizer,
+                              hidden_size=16, representation_size=None, **kw).eval()
+
+
+def _masking_reference(model, x, path):
+    """The map from the port's own recorded intermediates (capture_intermediates), for classes with no
+    golden: softmax / sigmoid of the token_masking or Conv_3 output, [B', S, N]."""
+    _, inter = tl.capture_intermediates(model, x)
+    if "TokenLearnerModuleV11" in path:
+        return torch.softmax(inter[f"{path}/token_masking"].transpose(1, 2), -1)
+    if "TokenFuser" in path:
+        return torch.sigmoid(inter[f"{path}/token_masking"].transpose(1, 2))
+    conv = inter[f"{path}/Conv_3"]  # Flax layout [B', H, W, S]
+    return torch.sigmoid(conv.flatten(1, 2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("case", ["v1_image_nonsquare", "representation_video", "temporal_sampling_fuser"])
+def test_maps_of_other_classes(case):
+    torch.manual_seed(1)
+    if case == "v1_image_nonsquare":
+        # v1 inside a ViT on a 2x8 patch grid: v1 reshapes its 16 tokens to a 4x4 square (Scenic), the map
+        # is drawn on the true 2x8 grid (the same C-order positions).
+        model = _vit({"type": "dynamic", "patches": {"size": [4, 4]}, "num_tokens": 3, "tokenlearner_loc": 1,
+                      "use_tokenfuse": False, "use_v11": False})
+        x = torch.randn(2, 8, 32, 3)
+        layout, shape = "BSHW", (2, 3, 2, 8)
+    elif case == "representation_video":
+        torch.manual_seed(0)
+        model = tl.TokenLearnerViTRepresentation(
+            mlp_dim=32, num_layers=2, num_heads=2, hidden_size=16, target_channel_dim=16,
+            tokenizer={"type": "video", "patches": {"size": [4, 4]}, "num_tokens": 3, "tokenlearner_loc": 1,
+                       "use_tokenfuse": False}).eval()
+        x = torch.randn(2, 3, 8, 12, 3)  # 3 frames, 2x3 patches each
+        layout, shape = "BTSHW", (2, 3, 3, 2, 3)
+    else:
+        model = _vit({"type": "video", "patches": {"size": [4, 4]}, "num_tokens": 2, "tokenlearner_loc": 0,
+                      "use_tokenfuse": True,
+                      "temporal_encoding_config": {"method": "temporal_sampling", "n_sampled_frames": 2}})
+        x = torch.randn(2, 5, 8, 8, 3)  # 2 of 5 frames sampled, 2x2 patches
+        layout, shape = "BTSHW", (2, 2, 2, 2, 2)
+    maps = token_maps(model, x)
+    assert maps, case
+    for path, m in maps.items():
+        assert maps.layout[path] == layout and tuple(m.shape[:2]) == shape[:2] and tuple(m.shape[-3:]) == shape[-3:]
+        ref = _masking_reference(model, x, path)  # [B*T, S, N]
+        torch.testing.assert_close(m.reshape(ref.shape), ref, rtol=0, atol=1e-6)
+
+
+def test_no_token_learner_is_an_error():
+    model = _vit({"type": "patch", "patches": {"size": [8, 8]}, "use_tokenfuse": False})
+    with pytest.raises(tl.ConfigError, match="no TokenLearnerModule"):
+        token_maps(model, torch.randn(1, 16, 16, 3))
+
+
+def test_diversity_shows_collapse():
+    g = Golden("vit_image_cls")
+    model = _model(g)
+    x = torch.from_numpy(g.inputs[0])
+    div = token_diversity(token_maps(model, x))["Transformer/TokenLearnerModuleV11_0"]
+    assert len(div.per_token) == 8 and 0 < div.mean_cosine < 0.95
+    assert div.mean_cosine == pytest.approx(np.mean(div.per_token))
+    # Collapse: make every token's logits equal (the last Dense's columns equal) -> identical maps.
+    tm = model.Transformer.TokenLearnerModuleV11_0.token_masking.Dense_1
+    with torch.no_grad():
+        tm.weight.copy_(tm.weight[:1].expand_as(tm.weight))
+        tm.bias.fill_(0.0)
+    collapsed = token_diversity(token_maps(model, x))["Transformer/TokenLearnerModuleV11_0"]
+    assert collapsed.mean_cosine == pytest.approx(1.0, abs=1e-9)
+    # Disjoint maps have similarity 0; a plain dict (no layout) is refused.
+    from tokenlearner_torch.viz import TokenMaps
+
+    disjoint = TokenMaps()
+    disjoint["m"] = torch.eye(4).reshape(1, 4, 2, 2)
+    disjoint.layout["m"] = "BSHW"
+    assert token_diversity(disjoint)["m"].mean_cosine == 0.0
+    with pytest.raises(TypeError):
+        token_diversity({"m": torch.eye(4)[None]})
