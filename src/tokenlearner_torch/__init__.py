@@ -18,6 +18,8 @@ __version__ = "0.1.0"
 # `tokenlearner-convert` can read a checkpoint while torch is still being imported in another thread.
 _LAZY = {
     "from_scenic": ".scenic",
+    "numerics": ".numerics_mode",
+    "set_layer_norm_numerics": ".numerics_mode",
     "load_pretrained": ".weights_convert.pretrained",
     "capture_intermediates": ".intermediates",
     "TokenLearnerModule": ".token_learner",
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock, MultiHeadDotProductAttention
     from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
     from .scenic import from_scenic
+    from .numerics_mode import numerics, set_layer_norm_numerics
     from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
     from .weights_convert.pretrained import load_pretrained
 

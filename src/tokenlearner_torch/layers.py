@@ -4,10 +4,16 @@ Every module here mirrors one Flax/Scenic module, and its attribute names are th
 ``state_dict`` key is a Flax parameter path with ``.`` for ``/`` (the converter in
 ``tokenlearner_torch.weights_convert`` relies on it).
 
-Flax infers parameter shapes from the first input; so do these leaves. A dimension left as ``None`` makes
-the parameter an ``nn.UninitializedParameter`` that is created, with Scenic's initialiser, on the first
-forward call, or takes its shape from ``load_state_dict``. Call the model once (or load weights) before
-building an optimiser.
+Flax infers parameter shapes from the first input; so can these leaves. A dimension left as ``None`` makes
+the parameter lazy (an ``nn.UninitializedParameter``): it is created, with Scenic's initialiser, on the first
+forward call (outside ``torch.inference_mode`` even when called inside it), or takes its shape from
+``load_state_dict``. Models built with their input shapes (``input_shape=...``, ``from_scenic(...,
+input_shapes=...)``) have every parameter on return (:mod:`tokenlearner_torch.shapes`). Asking a lazy
+parameter for its shape, rank or ``state_dict`` raises a :class:`ShapeError` that says how to give the shapes.
+
+Shape checks and rank-dependent layouts live in small module-level helpers registered with ``torch.fx.wrap``:
+``torch.fx.symbolic_trace`` records each as one call (checked when the traced graph runs) instead of failing
+on Python control flow over a traced shape.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import Tensor, nn
 from .errors import ShapeError
 from . import flax_numerics
 from . import initializers as init
+from .numerics_mode import get_layer_norm_numerics
 
 __all__ = [
     "Dense",
@@ -65,6 +72,43 @@ def resolve_dtype(dtype: object) -> Optional[torch.dtype]:
     return None if resolved == torch.float32 else resolved
 
 
+_LAZY_HINT = (
+    "build the model with its input shapes (input_shape=... in the constructor, or from_scenic(..., "
+    "input_shapes=[...])), load weights into it, or run one forward call first"
+)
+
+
+class LazyParameter(nn.UninitializedParameter):
+    """A parameter whose shape comes from the first input (Flax-style); becomes an ``nn.Parameter`` then.
+
+    Its ``shape``, ``ndim``, ``dim()``, ``size()`` and ``numel()`` raise :class:`ShapeError` instead of
+    answering (torch's UninitializedParameter reports ``ndim == 1``, which silently puts every still-lazy
+    weight matrix in the no-weight-decay group of a "skip 1-D parameters" optimiser recipe).
+    """
+
+    cls_to_become = nn.Parameter
+
+    def _lazy_error(self) -> ShapeError:
+        return ShapeError(f"a parameter has no shape yet (its shape comes from the model's input): {_LAZY_HINT}")
+
+    @property
+    def shape(self):  # type: ignore[override]
+        raise self._lazy_error()
+
+    @property
+    def ndim(self):  # type: ignore[override]
+        raise self._lazy_error()
+
+    def dim(self):  # type: ignore[override]
+        raise self._lazy_error()
+
+    def size(self, *args):  # type: ignore[override]
+        raise self._lazy_error()
+
+    def numel(self):  # type: ignore[override]
+        raise self._lazy_error()
+
+
 class _LazyShapes(nn.Module):
     """Parameters whose shapes may depend on the first input, as in Flax.
 
@@ -76,15 +120,19 @@ class _LazyShapes(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._register_load_state_dict_pre_hook(self._materialize_from_state_dict)
+        self.register_state_dict_pre_hook(_refuse_lazy_state_dict)
 
     def _param(self, name: str, shape: Optional[Sequence[int]]) -> None:
         if shape is None:
-            self.register_parameter(name, nn.UninitializedParameter(dtype=torch.float32))
+            self.register_parameter(name, LazyParameter(dtype=torch.float32))
         else:
             self.register_parameter(name, nn.Parameter(torch.empty(*shape, dtype=torch.float32)))
 
     def is_lazy(self) -> bool:
         return any(isinstance(p, nn.UninitializedParameter) for p in self._parameters.values() if p is not None)
+
+    def lazy_parameter_names(self) -> list[str]:
+        return [n for n, p in self._parameters.items() if isinstance(p, nn.UninitializedParameter)]
 
     def _materialize_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name, param in self._parameters.items():
@@ -94,12 +142,14 @@ class _LazyShapes(nn.Module):
         self._sync_dims()
 
     def _materialize(self, shapes: dict[str, Sequence[int]]) -> None:
-        for name, shape in shapes.items():
-            param = self._parameters[name]
-            if isinstance(param, nn.UninitializedParameter):
-                param.materialize(tuple(shape))
-        self._sync_dims()
-        with torch.no_grad():
+        # Outside inference mode even when the first call runs inside it: parameters created as inference
+        # tensors could never be trained.
+        with torch.inference_mode(False), torch.no_grad():
+            for name, shape in shapes.items():
+                param = self._parameters[name]
+                if isinstance(param, nn.UninitializedParameter):
+                    param.materialize(tuple(shape))
+            self._sync_dims()
             self._reset()
 
     def _sync_dims(self) -> None:
@@ -112,6 +162,22 @@ class _LazyShapes(nn.Module):
         """Re-draw the parameters from Scenic's initialisers."""
         with torch.no_grad():
             self._reset()
+
+
+def _refuse_lazy_state_dict(module: _LazyShapes, prefix: str, keep_vars: bool) -> None:
+    lazy = module.lazy_parameter_names()
+    if lazy:
+        names = ", ".join(prefix + n for n in lazy)
+        raise ShapeError(f"state_dict: {names} has no shape yet (it comes from the model's input): {_LAZY_HINT}")
+
+
+def _check_features(x: Tensor, n: int, who: str) -> Tensor:
+    if x.shape[-1] != n:
+        raise ShapeError(f"{who}: expected input with {n} features, got shape {tuple(x.shape)}")
+    return x
+
+
+torch.fx.wrap("_check_features")
 
 
 class Dense(_LazyShapes):
@@ -160,13 +226,14 @@ class Dense(_LazyShapes):
             self.bias_init(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., in_features] -> [..., out_features] (in ``dtype`` when set)."""
         if self.is_lazy():
             out = self.out_features
             if out is None:
                 raise ShapeError("Dense: the output size was never set (an owner module must set out_features)")
             self._materialize({"weight": (out, x.shape[-1]), "bias": (out,)})
-        elif x.shape[-1] != self.in_features:
-            raise ShapeError(f"Dense: expected input with {self.in_features} features, got shape {tuple(x.shape)}")
+        else:
+            x = _check_features(x, self.in_features, "Dense")
         if self.dtype is not None:
             bias = None if self.bias is None else self.bias.to(self.dtype)
             return F.linear(x.to(self.dtype), self.weight.to(self.dtype), bias)
@@ -236,6 +303,7 @@ class Conv(_LazyShapes):
             self.bias_init(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, in_channels, *spatial] -> [B, out_channels, *spatial'] (2-D or 3-D, as the kernel)."""
         if self.is_lazy():
             self._materialize({"weight": (self.out_channels, x.shape[1], *self.kernel_size)})
         conv = F.conv2d if len(self.kernel_size) == 2 else F.conv3d
@@ -251,11 +319,14 @@ class Conv(_LazyShapes):
 class LayerNorm(_LazyShapes):
     """Flax ``nn.LayerNorm`` over the last axis: epsilon 1e-6, learned ``scale`` (torch ``weight``) and bias.
 
-    Numerics: statistics in float32 (at least), output cast to ``dtype`` (Flax ``dtype``, the Encoder1DBlock's
-    compute dtype; None = the input's dtype). See :func:`flax_layer_norm` for the variance formula.
+    Numerics: statistics in float32 (at least), output in ``dtype`` (Flax ``dtype``, the Encoder1DBlock's
+    compute dtype) or, when None, in Flax's promotion of the input and parameter dtypes (the input's dtype
+    for a model converted with ``.to(dtype)``). How the statistics are summed is chosen in one place,
+    :func:`tokenlearner_torch.numerics` (see :func:`flax_layer_norm`).
     """
 
     def __init__(self, dim: Optional[int] = None, *, epsilon: float = 1e-6, dtype: Optional[torch.dtype] = None):
+        """``dim``: the normalised (last) axis size, None = from the first input; ``epsilon``: Flax's 1e-6."""
         super().__init__()
         self.dim = dim
         self.epsilon = epsilon
@@ -274,6 +345,7 @@ class LayerNorm(_LazyShapes):
         nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., dim] -> [..., dim], normalised over the last axis."""
         if self.is_lazy():
             self._materialize({"weight": (x.shape[-1],), "bias": (x.shape[-1],)})
         y = flax_layer_norm(x, self.weight, self.bias, self.epsilon)
@@ -284,27 +356,26 @@ class LayerNorm(_LazyShapes):
 
 
 def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """LayerNorm over the last axis with Flax's numerics: statistics in float32, E[x²] - E[x]².
+    """LayerNorm over the last axis as Flax computes it: statistics in float32 (at least); the result in the
+    promoted dtype of ``x`` and the parameters (Flax's ``dtype=None``).
 
-    Flax's formula loses about log2(1 + mean²/var) bits to cancellation, and which bits depends on XLA's
-    summation order, which ``flax_numerics`` reproduces (to ~1.5e-6 of Flax on any input; 5-10x the cost of
-    ``F.layer_norm`` in eager mode). Where no row has mean² > var, the cancellation is harmless: torch's fused
-    kernel is then within 1.2e-6 of Flax as well (measured: N(1, 1) inputs), so eager mode takes it and
-    falls back to the reproduction only when some row needs it. Compiled graphs always use the
-    reproduction (a data-dependent branch would break the graph; inductor fuses it well).
-
-    The reproduced order is XLA:CPU's. On other devices XLA sums in its own order, so there the port takes
-    torch's fused kernel always: as close to Flax as any order on shifted inputs, within ~1e-6 elsewhere,
-    and no data-dependent check (which on a GPU would wait for the device at every LayerNorm).
+    Default numerics (``"fused"``): torch's fused kernel, one graph with no data-dependent branch. Under
+    ``tokenlearner_torch.numerics("xla_cpu")``: Flax's ``E[x²] - E[x]²`` summed in XLA:CPU's order
+    (:mod:`tokenlearner_torch.flax_numerics`), which reproduces Flax's rounding noise on inputs whose mean
+    is large against their spread (README, "Numerics", for the measured errors of both).
     """
-    if x.dtype == torch.float64:  # f64 parity mode: no float32 rounding to reproduce
-        return _flax_formula(x, weight.to(x.dtype), bias.to(x.dtype), eps)
-    on_cpu = x.device.type == "cpu"
-    if not (on_cpu and torch.compiler.is_compiling()):
-        out, mean, rstd = torch.native_layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
-        if not on_cpu or bool((mean * mean * (rstd * rstd) <= 1.0).all()):
-            return out
-    return flax_numerics.layer_norm(x, weight, bias, eps)
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if get_layer_norm_numerics() == "xla_cpu":
+        if x.dtype == torch.float64:  # f64 parity mode: no float32 rounding to reproduce
+            return _flax_formula(x, weight.to(x.dtype), bias.to(x.dtype), eps)
+        return flax_numerics.layer_norm(x, weight, bias, eps).to(out_dtype)
+    stats_dtype = torch.promote_types(out_dtype, torch.float32)
+    y = F.layer_norm(x.to(stats_dtype), (x.shape[-1],), weight.to(stats_dtype), bias.to(stats_dtype), eps)
+    return y.to(out_dtype)
+
+
+# One call in a torch.fx graph: its dtype logic is Python over tensor attributes that FX cannot branch on.
+torch.fx.wrap("flax_layer_norm")
 
 
 def _flax_formula(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -317,6 +388,7 @@ class Identity(nn.Module):
     """Scenic's ``IdentityLayer``: names an array (``mlp1``, ``mlp2``, ``pre_logits``) for intermediates."""
 
     def forward(self, x: Tensor) -> Tensor:
+        """Any shape -> the same tensor."""
         return x
 
 
@@ -332,11 +404,19 @@ class StochasticDepth(nn.Module):
         self.rate = rate
 
     def forward(self, x: Tensor) -> Tensor:
+        """[B, ...] -> [B, ...]: each example's tensor kept (scaled by 1/(1-rate)) or zeroed."""
         if not self.training or self.rate == 0.0:
             return x
-        keep = 1.0 - self.rate
-        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
-        return x * (mask / keep).to(x.dtype)
+        return _drop_path(x, self.rate)
+
+
+def _drop_path(x: Tensor, rate: float) -> Tensor:
+    keep = 1.0 - rate
+    mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device).bernoulli_(keep)
+    return x * (mask / keep).to(x.dtype)
+
+
+torch.fx.wrap("_drop_path")
 
 
 class MlpBlock(nn.Module):
@@ -374,6 +454,7 @@ class MlpBlock(nn.Module):
         self.Dropout_1 = Dropout(dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
+        """[..., in] -> [..., out_dim] (out_dim None: [..., in])."""
         if self.Dense_1.out_features is None:
             # Scenic: out_dim=None means "as wide as the input", known only now.
             self.Dense_1.out_features = x.shape[-1]
@@ -428,19 +509,29 @@ class MultiHeadDotProductAttention(nn.Module):
         self.out = HeadsOutput(dim, dim, num_heads, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
+        """[B, N, C] -> [B, N, C] (self-attention over the N tokens)."""
         h = self.num_heads
-        if c % h:
-            raise ShapeError(f"MultiHeadDotProductAttention: channels ({c}) must be divisible by num_heads ({h})")
+        x = _check_heads(x, h)
         for proj in (self.query, self.key, self.value, self.out):
-            if proj.out_features is None:
-                proj.out_features = c
-        q = self.query(x).view(b, n, h, c // h).transpose(1, 2)
-        k = self.key(x).view(b, n, h, c // h).transpose(1, 2)
-        v = self.value(x).view(b, n, h, c // h).transpose(1, 2)
+            if proj.out_features is None:  # lazy: as wide as the input
+                proj.out_features = x.shape[-1]
+        q = self.query(x).unflatten(-1, (h, -1)).transpose(1, 2)  # [B, H, N, D]
+        k = self.key(x).unflatten(-1, (h, -1)).transpose(1, 2)
+        v = self.value(x).unflatten(-1, (h, -1)).transpose(1, 2)
         p = self.dropout_rate if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.out(y.transpose(1, 2).reshape(b, n, c))
+        return self.out(y.transpose(1, 2).flatten(2))
+
+
+def _check_heads(x: Tensor, h: int) -> Tensor:
+    if x.ndim != 3:
+        raise ShapeError(f"MultiHeadDotProductAttention expects [batch, tokens, channels], got {tuple(x.shape)}")
+    if x.shape[-1] % h:
+        raise ShapeError(f"MultiHeadDotProductAttention: channels ({x.shape[-1]}) must be divisible by num_heads ({h})")
+    return x
+
+
+torch.fx.wrap("_check_heads")
 
 
 class Encoder1DBlock(nn.Module):
@@ -474,6 +565,7 @@ class Encoder1DBlock(nn.Module):
         self.StochasticDepth_1 = StochasticDepth(stochastic_depth)
 
     def forward(self, inputs: Tensor) -> Tensor:
+        """[B, N, C] -> [B, N, C]."""
         x = self.MultiHeadDotProductAttention_0(self.LayerNorm_0(inputs))
         x = self.StochasticDepth_0(self.Dropout_0(x)) + inputs
         y = self.MlpBlock_0(self.LayerNorm_1(x))
@@ -494,14 +586,31 @@ class AddPositionEmbs(_LazyShapes):
         init.normal_(self.pos_embedding, 0.02)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 3:
-            raise ShapeError(f"AddPositionEmbs expects [batch, tokens, channels], got shape {tuple(x.shape)}")
+        """[B, N, C] -> [B, N, C]: ``x + pos_embedding``."""
         if self.is_lazy():
+            x = _check_rank(x, 3, "AddPositionEmbs expects [batch, tokens, channels]")
             self._materialize({"pos_embedding": (1, x.shape[1], x.shape[2])})
-        if tuple(self.pos_embedding.shape[1:]) != tuple(x.shape[1:]):
-            raise ShapeError(
-                f"AddPositionEmbs: the position embedding covers {tuple(self.pos_embedding.shape[1:])} "
-                f"(tokens, channels) but the input has {tuple(x.shape[1:])}; the input size must match the "
-                "one the model was built or trained with"
-            )
-        return x + self.pos_embedding
+        return _check_positions(x, self.pos_embedding) + self.pos_embedding
+
+
+def _check_rank(x: Tensor, rank: int, expected: str) -> Tensor:
+    """``x`` if it has ``rank`` dimensions, else ShapeError(``expected``, got ...)."""
+    if x.ndim != rank:
+        raise ShapeError(f"{expected}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_positions(x: Tensor, pos_embedding: Tensor) -> Tensor:
+    if x.ndim != 3:
+        raise ShapeError(f"AddPositionEmbs expects [batch, tokens, channels], got shape {tuple(x.shape)}")
+    if tuple(pos_embedding.shape[1:]) != tuple(x.shape[1:]):
+        raise ShapeError(
+            f"AddPositionEmbs: the position embedding covers {tuple(pos_embedding.shape[1:])} "
+            f"(tokens, channels) but the input has {tuple(x.shape[1:])}; the input size must match the "
+            "one the model was built or trained with"
+        )
+    return x
+
+
+torch.fx.wrap("_check_rank")
+torch.fx.wrap("_check_positions")

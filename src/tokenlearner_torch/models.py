@@ -12,10 +12,12 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import initializers as init
 from .errors import ConfigError, ShapeError
-from .layers import AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, Identity, LayerNorm
+from .layers import AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, Identity, LayerNorm, _check_rank
+from .shapes import build_parameters
 from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 __all__ = ["EncoderMod", "EncoderModFuser", "TokenLearnerViT", "TokenLearnerViTRepresentation"]
@@ -47,6 +49,48 @@ def _describe(cfg: Any) -> str:
 def _check_choice(value: Any, choices: Sequence[Any], what: str) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def _fold(x: Tensor, t: int, who: str) -> Tensor:
+    """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame."""
+    n, thw, c = x.shape
+    if thw % t:
+        raise ShapeError(f"{who}: the sequence length {thw} is not divisible by temporal_dimensions={t}")
+    return x.reshape(n * t, thw // t, c)
+
+
+def _sample_frames(x: Tensor, n_sampled_frames: int) -> tuple[Tensor, int]:
+    """[B, C, T, H, W] -> ([B, C, t*H, W], t): Scenic samples t frames and stacks them along H."""
+    idx = sampled_frame_indices(x.shape[2], n_sampled_frames)
+    x = x[:, :, torch.as_tensor(idx, device=x.device)]
+    return x.flatten(2, 3), len(idx)
+
+
+def _grid_tokens(x: Tensor, who: str) -> Tensor:
+    """Patch-embedding output [B, C, *grid] -> tokens [B, prod(grid), C]."""
+    if 0 in x.shape[2:]:
+        raise ShapeError(f"{who}: the input is smaller than one patch; no tokens after embedding")
+    return x.flatten(2).transpose(1, 2)
+
+
+def _frames(x: Tensor, channels_first: bool) -> tuple[Tensor, int, int]:
+    """TokenLearnerViTRepresentation's input as ([n*t, C, H, W], n, t)."""
+    if x.ndim == 5:
+        n, t = (x.shape[0], x.shape[2]) if channels_first else x.shape[:2]
+        if channels_first:  # [n, c, t, h, w] -> [n*t, c, h, w]
+            x = x.transpose(1, 2)
+            return x.reshape(n * t, *x.shape[2:]), n, t
+        return x.reshape(n * t, *x.shape[2:]).permute(0, 3, 1, 2), n, t
+    if x.ndim == 4:
+        return (x if channels_first else x.permute(0, 3, 1, 2)), x.shape[0], 1
+    layout = "[B, C, H, W] or [B, C, T, H, W]" if channels_first else "[B, H, W, C] or [B, T, H, W, C]"
+    raise ShapeError(f"TokenLearnerViTRepresentation expects {layout}, got {tuple(x.shape)}")
+
+
+# Shape checks and rank-dependent layouts: one call each in a torch.fx graph (FX cannot branch on a traced
+# tensor's shape); dynamo and torch.export trace through them.
+for _name in ("_fold", "_sample_frames", "_grid_tokens", "_frames", "_check_rank"):
+    torch.fx.wrap(_name)
 
 
 class _Encoder(nn.Module):
@@ -85,6 +129,23 @@ class _Encoder(nn.Module):
             block = Encoder1DBlock(mlp_dim, num_heads, dtype, dropout_rate, attention_dropout_rate, dim=dim)
             self.add_module(f"encoderblock_{lyr}", block)
         self.encoder_norm = LayerNorm(dim)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each encoder block in the backward pass (``torch.utils.checkpoint``, non-reentrant)
+        instead of storing its activations: less memory, one more forward per block, equal gradients."""
+        self.grad_checkpointing = enable
+
+    def _block(self, lyr: int, x: Tensor) -> Tensor:
+        block = getattr(self, f"encoderblock_{lyr}")
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters Scenic's optimizer leaves undecayed (``skip_scale_and_bias_regularization``:
+        every 1-D parameter, i.e. biases and LayerNorm scales)."""
+        return _no_weight_decay(self)
 
     @property
     def uses_token_learner(self) -> bool:
@@ -99,18 +160,8 @@ class _Encoder(nn.Module):
     def _tl_name(self) -> str:
         return "TokenLearnerModuleV11" if self.use_v11 else "TokenLearnerModule"
 
-    def _fold(self, x: Tensor, t: int) -> Tensor:
-        """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame."""
-        n, thw, c = x.shape
-        if thw % t:
-            raise ShapeError(
-                f"{type(self).__name__}: the sequence length {thw} is not divisible by temporal_dimensions={t}"
-            )
-        return x.reshape(n * t, thw // t, c)
-
     def _start(self, inputs: Tensor) -> Tensor:
-        if inputs.ndim != 3:
-            raise ShapeError(f"{type(self).__name__} expects [batch, tokens, channels], got {tuple(inputs.shape)}")
+        inputs = _check_rank(inputs, 3, f"{type(self).__name__} expects [batch, tokens, channels]")
         return self.Dropout_0(self.posembed_input(inputs))
 
 
@@ -137,23 +188,30 @@ class EncoderMod(_Encoder):
         dtype: Any = "float32",
         *,
         dim: Optional[int] = None,
+        input_shape: Optional[Sequence[int]] = None,
     ) -> None:
+        """Scenic's fields, then the port's: ``dim`` the channels C (None: from the first input);
+        ``input_shape`` one example's shape (T*N, C): given it, every parameter exists on return."""
         super().__init__(
             num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, tokenizer_type,
             temporal_dimensions, num_tokens, tokenlearner_loc, use_v11, dtype, dim,
         )  # fmt: skip
         if self.uses_token_learner and 0 <= tokenlearner_loc < num_layers:
             self.add_module(f"{self._tl_name}_0", self._new_token_learner())
+        if input_shape is not None:
+            build_parameters(self, [input_shape])
 
     def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
-        t = temporal_dimensions or self.temporal_dimensions
+        """[B, T*N, C] -> [B, T*num_tokens, C] ([B, T*N, C] when no TokenLearner applies);
+        ``temporal_dimensions`` T overrides the constructor's."""
+        t = self.temporal_dimensions if temporal_dimensions is None else temporal_dimensions
         x = self._start(inputs)
         for lyr in range(self.num_layers):
             if self.uses_token_learner and lyr == self.tokenlearner_loc:
                 n = x.shape[0]
-                x = getattr(self, f"{self._tl_name}_0")(self._fold(x, t))  # [n*t, S, c]
-                x = x.reshape(n, t * x.shape[1], x.shape[2])
-            x = getattr(self, f"encoderblock_{lyr}")(x)
+                x = getattr(self, f"{self._tl_name}_0")(_fold(x, t, type(self).__name__))  # [n*t, S, c]
+                x = x.reshape(n, -1, x.shape[-1])  # [n, t*S, c]
+            x = self._block(lyr, x)
         return self.encoder_norm(x)
 
 
@@ -180,7 +238,10 @@ class EncoderModFuser(_Encoder):
         dtype: Any = "float32",
         *,
         dim: Optional[int] = None,
+        input_shape: Optional[Sequence[int]] = None,
     ) -> None:
+        """Scenic's fields, then the port's: ``dim`` the channels C (None: from the first input);
+        ``input_shape`` one example's shape (T*N, C): given it, every parameter exists on return."""
         super().__init__(
             num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, tokenizer_type,
             temporal_dimensions, num_tokens, tokenlearner_loc, use_v11, dtype, dim,
@@ -189,22 +250,22 @@ class EncoderModFuser(_Encoder):
             for i in range(num_layers - max(tokenlearner_loc, 0)):
                 self.add_module(f"{self._tl_name}_{i}", self._new_token_learner())
                 self.add_module(f"TokenFuser_{i}", TokenFuser(dropout_rate=dropout_rate))
+        if input_shape is not None:
+            build_parameters(self, [input_shape])
 
     def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
-        t = temporal_dimensions or self.temporal_dimensions
+        """[B, T*N, C] -> [B, T*N, C]; ``temporal_dimensions`` T overrides the constructor's."""
+        t = self.temporal_dimensions if temporal_dimensions is None else temporal_dimensions
         x = self._start(inputs)
         for lyr in range(self.num_layers):
-            block = getattr(self, f"encoderblock_{lyr}")
             if self.uses_token_learner and lyr >= self.tokenlearner_loc:
                 i = lyr - max(self.tokenlearner_loc, 0)  # Flax numbers instances in creation order
-                n, thw, c = x.shape
-                residual = self._fold(x, t)  # [n*t, hw, c]
+                residual = _fold(x, t, type(self).__name__)  # [n*t, hw, c]
                 y = getattr(self, f"{self._tl_name}_{i}")(residual)  # [n*t, S, c]
-                s = y.shape[1]
-                y = block(y.reshape(n, t * s, c)).reshape(n * t, s, c)
-                x = (getattr(self, f"TokenFuser_{i}")(y, residual) + residual).reshape(n, thw, c)
+                y = self._block(lyr, y.reshape(x.shape[0], -1, y.shape[-1])).reshape(y.shape)
+                x = (getattr(self, f"TokenFuser_{i}")(y, residual) + residual).reshape(x.shape)
             else:
-                x = block(x)
+                x = self._block(lyr, x)
         return self.encoder_norm(x)
 
 
@@ -265,6 +326,10 @@ class TokenLearnerViT(nn.Module):
     and [B, T, H, W, C] for ``video`` (``channels_first=True``: [B, C, H, W] / [B, C, T, H, W]).
     ``tokenizer`` is Scenic's ConfigDict as a dict (or a ConfigDict): type, patches.size, num_tokens,
     tokenlearner_loc, use_tokenfuse (required), use_v11 (default True), temporal_encoding_config (video).
+
+    timm conventions: ``num_features`` (channels of :meth:`forward_features`), ``head_hidden_size`` (width of
+    ``forward_head(x, pre_logits=True)``), :meth:`reset_classifier`, :meth:`no_weight_decay`,
+    :meth:`set_grad_checkpointing`.
     """
 
     def __init__(
@@ -282,7 +347,11 @@ class TokenLearnerViT(nn.Module):
         dtype: Any = "float32",
         *,
         channels_first: bool = False,
+        input_shape: Optional[Sequence[int]] = None,
     ) -> None:
+        """Scenic's fields, then the port's: ``channels_first`` input layout; ``input_shape`` one example's
+        shape as ``forward`` takes it, e.g. (224, 224, 3) (Scenic's ``dataset_meta_data['input_shape']``
+        without the batch axis; (T, H, W, C) for video): given it, every parameter exists on return."""
         super().__init__()
         _check_choice(classifier, CLASSIFIERS, "classifier")
         self.num_classes = num_classes
@@ -300,38 +369,42 @@ class TokenLearnerViT(nn.Module):
         else:
             self.pre_logits = Identity()
             head_in = hidden_size
-        self.output_projection = Dense(num_classes, head_in, kernel_init=init.zeros_kernel_)
+        self.output_projection: nn.Module = Dense(num_classes, head_in, kernel_init=init.zeros_kernel_)
+        self.num_features = hidden_size
+        self.head_hidden_size = head_in
+        if input_shape is not None:
+            build_parameters(self, [input_shape])
 
     def _embed(self, x: Tensor) -> tuple[Tensor, int]:
         tok = self._tok
         cf = self.channels_first
+        t = 1
         if tok.type in ("patch", "dynamic"):
-            if x.ndim != 4:
-                layout = "[B, C, H, W]" if cf else "[B, H, W, C]"
-                raise ShapeError(f"TokenLearnerViT ({tok.type} tokenizer) expects {layout}, got {tuple(x.shape)}")
-            t = 1
+            layout = "[B, C, H, W]" if cf else "[B, H, W, C]"
+            x = _check_rank(x, 4, f"TokenLearnerViT ({tok.type} tokenizer) expects {layout}")
             x = x if cf else x.permute(0, 3, 1, 2)
         else:
-            if x.ndim != 5:
-                layout = "[B, C, T, H, W]" if cf else "[B, T, H, W, C]"
-                raise ShapeError(f"TokenLearnerViT (video tokenizer) expects {layout}, got {tuple(x.shape)}")
+            layout = "[B, C, T, H, W]" if cf else "[B, T, H, W, C]"
+            x = _check_rank(x, 5, f"TokenLearnerViT (video tokenizer) expects {layout}")
             x = x if cf else x.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W]
             if tok.method == "temporal_sampling":
-                idx = sampled_frame_indices(x.shape[2], tok.n_sampled_frames)
-                x = x[:, :, torch.as_tensor(idx, device=x.device)]
-                t = x.shape[2]
                 # Scenic stacks the sampled frames along H and embeds them with one 2-D convolution.
-                x = x.reshape(x.shape[0], x.shape[1], t * x.shape[3], x.shape[4])
+                sampled = _sample_frames(x, tok.n_sampled_frames)
+                x, t = sampled[0], sampled[1]
         x = self.embedding(x)  # [B, hidden, (t,) gh, gw]
         if tok.method == "3d_conv":
             t = x.shape[2]
-        if x.numel() == 0:
-            raise ShapeError("TokenLearnerViT: the input is smaller than one patch; no tokens after embedding")
-        return x.flatten(2).transpose(1, 2), t
+        return _grid_tokens(x, "TokenLearnerViT"), t
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Images [B, H, W, C] (video [B, T, H, W, C]; channels first if built so) -> the encoder's output
+        tokens [B, tokens, hidden_size], before pooling."""
         x, t = self._embed(x)
-        x = self.Transformer(x, temporal_dimensions=t)
+        return self.Transformer(x, temporal_dimensions=t)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens [B, tokens, hidden_size] -> logits [B, num_classes]; with ``pre_logits=True`` the pooled
+        (and, with a representation layer, projected and tanh'd) features [B, head_hidden_size]."""
         if self.classifier == "gap":
             x = x.mean(dim=1)
         elif self.classifier == "gmp":
@@ -341,7 +414,32 @@ class TokenLearnerViT(nn.Module):
         x = self.pre_logits(x)
         if self.representation_size is not None:
             x = torch.tanh(x)
-        return self.output_projection(x)
+        return x if pre_logits else self.output_projection(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images [B, H, W, C] (video [B, T, H, W, C]; [B, C, H, W] / [B, C, T, H, W] if channels_first)
+        -> logits [B, num_classes]."""
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new ``output_projection`` for ``num_classes`` classes, initialised as Scenic's head (zero kernel,
+        zero bias), on the old head's device and dtype; ``num_classes=0`` removes the head (timm)."""
+        old = next(self.output_projection.parameters(), None)
+        self.num_classes = num_classes
+        if num_classes == 0:
+            self.output_projection = Identity()
+            return
+        head = Dense(num_classes, self.head_hidden_size, kernel_init=init.zeros_kernel_)
+        self.output_projection = head if old is None else head.to(device=old.device, dtype=old.dtype)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing over the encoder blocks (see ``EncoderMod.set_grad_checkpointing``)."""
+        self.Transformer.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters Scenic's optimizer leaves undecayed (``skip_scale_and_bias_regularization``:
+        every 1-D parameter, i.e. biases and LayerNorm scales)."""
+        return _no_weight_decay(self)
 
 
 def _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate, attention_dropout_rate, dtype, dim):
@@ -374,7 +472,8 @@ class TokenLearnerViTRepresentation(nn.Module):
 
     ``forward(x [B, H, W, C] or [B, T, H, W, C]) -> [B, tokens, hidden_size]``: frames are embedded one by one
     by a 2-D patch convolution and concatenated, temporal_dimensions = T. ``target_channel_dim`` and
-    ``use_concat_final`` are accepted and unused, as in Scenic.
+    ``use_concat_final`` are accepted and unused, as in Scenic. ``num_features`` = hidden_size;
+    ``forward_features`` is ``forward``.
     """
 
     def __init__(
@@ -391,9 +490,14 @@ class TokenLearnerViTRepresentation(nn.Module):
         dtype: Any = "float32",
         *,
         channels_first: bool = False,
+        input_shape: Optional[Sequence[int]] = None,
     ) -> None:
+        """Scenic's fields, then the port's: ``channels_first`` input layout; ``input_shape`` one example's
+        shape as ``forward`` takes it, e.g. (224, 224, 3) or (T, H, W, C): given it, every parameter exists
+        on return."""
         super().__init__()
         self.hidden_size = hidden_size
+        self.num_features = hidden_size
         self.target_channel_dim = target_channel_dim
         self.use_concat_final = use_concat_final
         self.channels_first = channels_first
@@ -401,22 +505,30 @@ class TokenLearnerViTRepresentation(nn.Module):
         self.embedding = Conv(hidden_size, (fh, fw), strides=(fh, fw), padding="VALID")
         self.Transformer = _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate,
                                         attention_dropout_rate, dtype, hidden_size)  # fmt: skip
+        if input_shape is not None:
+            build_parameters(self, [input_shape])
 
     def forward(self, x: Tensor) -> Tensor:
-        cf = self.channels_first
-        if x.ndim == 5:
-            n, t = (x.shape[0], x.shape[2]) if cf else x.shape[:2]
-            if cf:  # [n, c, t, h, w] -> [n*t, c, h, w]
-                x = x.transpose(1, 2)
-                x = x.reshape(n * t, *x.shape[2:])
-            else:
-                x = x.reshape(n * t, *x.shape[2:]).permute(0, 3, 1, 2)
-        elif x.ndim == 4:
-            n, t = x.shape[0], 1
-            x = x if cf else x.permute(0, 3, 1, 2)
-        else:
-            layout = "[B, C, H, W] or [B, C, T, H, W]" if cf else "[B, H, W, C] or [B, T, H, W, C]"
-            raise ShapeError(f"TokenLearnerViTRepresentation expects {layout}, got {tuple(x.shape)}")
+        """[B, H, W, C] or [B, T, H, W, C] ([B, C, H, W] / [B, C, T, H, W] if channels_first)
+        -> tokens [B, T*num_tokens, hidden_size] (or [B, T*N, hidden_size] without a TokenLearner)."""
+        frames = _frames(x, self.channels_first)
+        x, n, t = frames[0], frames[1], frames[2]  # [n*t, C, H, W]
         x = self.embedding(x)  # [n*t, hidden, gh, gw]
-        x = x.flatten(2).transpose(1, 2).reshape(n, -1, self.hidden_size)
+        x = _grid_tokens(x, "TokenLearnerViTRepresentation").reshape(n, -1, self.hidden_size)
         return self.Transformer(x, temporal_dimensions=t)
+
+    forward_features = forward
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing over the encoder blocks (see ``EncoderMod.set_grad_checkpointing``)."""
+        self.Transformer.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters Scenic's optimizer leaves undecayed (every 1-D parameter)."""
+        return _no_weight_decay(self)
+
+
+def _no_weight_decay(module: nn.Module) -> set[str]:
+    # Scenic's optimizer with skip_scale_and_bias_regularization masks out `ndim == 1` leaves (biases and
+    # LayerNorm scales); a still-lazy parameter raises ShapeError here rather than guess.
+    return {name for name, p in module.named_parameters() if p.ndim == 1}

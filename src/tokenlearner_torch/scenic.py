@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
 from .errors import ConfigError
 from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock
 from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
+from .shapes import build_parameters
 from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 __all__ = ["from_scenic", "SCENIC_CLASSES"]
@@ -51,7 +52,11 @@ def _scenic_parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
     }
 
 
-def from_scenic(scenic_class: str, constructor_kwargs: Mapping[str, Any]) -> nn.Module:
+def from_scenic(
+    scenic_class: str,
+    constructor_kwargs: Mapping[str, Any],
+    input_shapes: Optional[Sequence[Sequence[int]]] = None,
+) -> nn.Module:
     """Builds the port of a Scenic module from its class name and kwargs as a golden ``config.json`` has them.
 
     ``scenic_class``: short (``'TokenLearnerViT'``) or dotted (``'scenic.projects.token_learner.model.
@@ -61,6 +66,11 @@ def from_scenic(scenic_class: str, constructor_kwargs: Mapping[str, Any]) -> nn.
     The module is returned in ``eval()`` mode, which is Scenic's deterministic mode (``train=False``), so
     ``model(inputs)`` computes what Scenic's ``apply`` computes; call ``.train()`` for dropout.
     Its forward takes Scenic's positional inputs: ``model(inputs)``, ``model(inputs, original)``, ``model(x)``.
+
+    ``input_shapes``: the shape of each of those inputs without the batch axis, in Scenic's call order
+    (``[(224, 224, 3)]`` for a ViT, ``[(8, 768), (196, 768)]`` for TokenFuser). Given it, every parameter
+    exists on return, drawn from Scenic's initialisers (:mod:`tokenlearner_torch.shapes`); without it,
+    parameters whose size comes from the input are created by the first call or by ``load_state_dict``.
     """
     cls = _resolve(scenic_class)
     if not isinstance(constructor_kwargs, Mapping):
@@ -77,4 +87,6 @@ def from_scenic(scenic_class: str, constructor_kwargs: Mapping[str, Any]) -> nn.
     if absent:
         raise ConfigError(f"{cls.__name__}: missing required argument(s) {', '.join(absent)}")
     model = cls(**dict(constructor_kwargs))
+    if input_shapes is not None:
+        build_parameters(model, input_shapes)
     return model.eval()
