@@ -66,13 +66,19 @@ import tokenlearner_torch as tl  # noqa: E402
 from tokenlearner_torch.weights_convert import flax_to_torch  # noqa: E402
 from parity.modes import MODES, precision as pinned_precision  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the helpers next to this file, when it runs as a script
+import train_rows  # noqa: E402
+from recipes import recipe  # noqa: E402
+
 MATMUL_N = 2048
 # On a GPU a 2048³ matmul takes well under a millisecond, so launch overhead and clock ramp-up would set the
 # "peak"; 8192³ (1.1 TFLOP) runs long enough to reach it.
 MATMUL_N_CUDA = 8192
 # --precision name -> parity.modes mode: 'f32' pins TF32 off in torch (cuBLAS, cuDNN) and jax 'highest';
 # 'tf32' pins TF32 on and jax 'tensorfloat32'.
-PRECISIONS = {"highest": "f32", "tf32": "tf32"}
+# 'bf16': Scenic's dtype='bfloat16' policy on both sides (the encoder blocks compute in bfloat16, parameters,
+# embedding, TokenLearner and head stay float32), matmuls otherwise 'highest'; ViT workloads only.
+PRECISIONS = {"highest": "f32", "tf32": "tf32", "bf16": "bf16"}
 WARMUP_CUDA = 3  # first GPU calls load kernels, pick cuBLAS algorithms and grow allocator pools
 
 
@@ -126,6 +132,30 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 
 
+# --quick: the smoke test's workload, a tiny TokenLearnerViT with B/16's structure (seconds, not minutes).
+QUICK_WORKLOADS: dict[str, dict[str, Any]] = {
+    "tiny TokenLearner ViT (smoke test)": dict(
+        cls="TokenLearnerViT",
+        kwargs=dict(
+            num_classes=10, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=None,
+            classifier="gap", dropout_rate=0.0, attention_dropout_rate=0.0,
+            tokenizer=dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1,
+                           use_tokenfuse=False, use_v11=True),
+        ),
+        inputs=lambda b: [(b, 32, 32, 3)], call={"train": False}, main=True,
+    ),
+}
+
+
+def with_precision(spec: dict, prec: str) -> Optional[dict]:
+    """The workload under ``prec``: 'bf16' sets Scenic's ``dtype='bfloat16'`` (ViTs only: None otherwise)."""
+    if prec != "bf16":
+        return spec
+    if spec["cls"] != "TokenLearnerViT":
+        return None
+    return {**spec, "kwargs": {**spec["kwargs"], "dtype": "bfloat16"}}
+
+
 def _inputs(spec: dict, batch: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.RandomState(seed)
     return [rng.randn(*shape).astype(np.float32) for shape in spec["inputs"](batch)]
@@ -147,7 +177,9 @@ def _flax(spec: dict, xs: list[np.ndarray]):
 
     module = build_reference_module(spec["cls"], spec["kwargs"])
     call = dict(spec["call"])
-    key = json.dumps([spec["cls"], spec["kwargs"], call], sort_keys=True)
+    # The dtype policy changes the computation, not the parameters (float32 either way): one tree for both.
+    kwargs = {k: v for k, v in spec["kwargs"].items() if k != "dtype"}
+    key = json.dumps([spec["cls"], kwargs, call], sort_keys=True)
     if key not in _PARAMS:
         # Initialised on the CPU backend (the only one on a CPU machine): the params go to numpy right away,
         # and on a GPU run init's buffers then stay out of the device's peak-memory counter (_cuda_memory).
@@ -291,9 +323,14 @@ def _scaled_err(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
 
 
-def memory_child(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest") -> dict:
-    """Runs in a fresh process: activation memory of one forward (see the module docstring)."""
-    spec = WORKLOADS[workload]
+def memory_child(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest",
+                 kind: str = "infer") -> dict:
+    """Runs in a fresh process: activation memory of one forward, or of one training forward + backward
+    (``kind='train'``, see train_rows.py); see the module docstring."""
+    spec = with_precision({**WORKLOADS, **QUICK_WORKLOADS}[workload], prec)
+    if kind == "train":
+        with _precision(device, prec, use_jax=impl == "flax"):
+            return train_rows.train_memory_child(spec, impl, batch, device, prec, ENV)
     xs = _inputs(spec, batch)
     if device == "cuda":
         with _precision(device, prec, use_jax=impl == "flax"):
@@ -371,15 +408,16 @@ def _cuda_memory(spec: dict, impl: str, xs: list[np.ndarray], prec: str) -> dict
     return {"before_mib": before / mib, "activation_mib": (peak_before - before) / mib, "upper_bound": True}
 
 
-def measure_memory(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest"):
+def measure_memory(workload: str, impl: str, batch: int, device: str = "cpu", prec: str = "highest",
+                   kind: str = "infer"):
     """Activation MiB from a fresh subprocess: a float, a string "≤ N" (an upper bound) or None."""
     cuda = device == "cuda"
     if not cuda and not os.path.exists("/proc/self/clear_refs"):
         return None
-    cmd = [sys.executable, __file__, "--memory-child", workload, impl, str(batch)]
+    cmd = [sys.executable, __file__, "--memory-child", workload, impl, str(batch), "--memory-kind", kind,
+           "--device", device, "--precision", prec]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if cuda:
-        cmd += ["--device", "cuda", "--precision", prec]
         env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # else jax takes 75% of the GPU at its first use
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in res.stdout.splitlines()[::-1]:
@@ -393,9 +431,19 @@ def measure_memory(workload: str, impl: str, batch: int, device: str = "cpu", pr
     return None
 
 
+# bench_speed's helpers as train_rows.py uses them (it cannot import this file when it runs as a script).
+ENV = types.SimpleNamespace(
+    flax=lambda spec, xs: _flax(spec, xs), port=lambda spec, params: _port(spec, params), inputs=_inputs,
+    jax_inputs=lambda params, xs, cuda: _jax_inputs(params, xs, cuda), timed=_timed,
+    mode=lambda prec: MODES[PRECISIONS[prec]],
+)
+
+
 def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, log,
-              device: str = "cpu", prec: str = "highest") -> dict:
-    """One table row. On cuda, run it inside ``_precision(device, prec)``."""
+              device: str = "cpu", prec: str = "highest", columns: tuple[str, ...] = ("compiled", "cudagraphs"),
+              backend: Optional[str] = None, warmup: Optional[int] = None) -> dict:
+    """One inference row. On cuda, run it inside ``_precision(device, prec)``. ``backend`` replaces inductor
+    in the compiled columns (the smoke test's aot_eager); ``warmup``: rounds before timing (default 1, cuda 3)."""
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else None
     xs = _inputs(spec, batch)
@@ -417,29 +465,36 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
             return model(*xt)
 
     fns["eager"] = eager
-    if compile_:
-        # A fresh dynamo cache per row: every row recompiles anyway (new model, batch or precision), and a
+    # The compiled columns, each built by its one-line recipe (recipes.py): "compiled" everywhere, "cudagraphs"
+    # (mode="reduce-overhead") on cuda. CPU inference uses inductor's freezing (parameters become constants,
+    # so oneDNN gets pre-packed weights); on B/16 batch 8 its output was bitwise eager mode's.
+    for col in columns if compile_ else ():
+        rec = recipe(device, "infer", col)
+        if rec is None:
+            continue
+        # A fresh dynamo cache per compile: every row recompiles anyway (new model, batch or precision), and a
         # GPU run's 8+ compiles of one forward would otherwise reach dynamo's recompile limit and run eager.
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        # CPU inference: inductor's freezing (parameters become constants, so oneDNN gets pre-packed weights),
-        # PyTorch's own recommendation for CPU inference; on B/16 batch 8 its output was
-        # bitwise eager mode's (max diff 0.0). The GPU table was measured without it.
-        options = None if cuda else {"freezing": True}
-        compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
+        compiled = rec.apply(model, backend=backend)
+        graphs = col == "cudagraphs"
         try:
             with torch.inference_mode():
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 comp_out = compiled(*xt).cpu().numpy()
-            row["compile_s"] = time.perf_counter() - t0
-            row["err_compiled"] = _scaled_err(comp_out, ref)
+            row[f"compile_s_{col}"] = time.perf_counter() - t0
+            row[f"err_{col}"] = _scaled_err(comp_out, ref)
 
-            def comp():
+            def comp(compiled=compiled, graphs=graphs):
                 with torch.inference_mode():
+                    if graphs:  # a new iteration: the previous call's outputs may be overwritten
+                        torch.compiler.cudagraph_mark_step_begin()
                     return compiled(*xt)
 
-            fns["compiled"] = comp
+            fns[col] = comp
         except Exception as e:  # report, do not hide
-            row["compiled_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            row[f"{col}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     fns["flax"] = jax_run
     n = MATMUL_N_CUDA if cuda else MATMUL_N
     a = torch.randn(n, n, device=device)
@@ -455,7 +510,7 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
             fns["tp:" + label] = run_tp
         else:
             row.setdefault("tp_missing", []).append(f"{label}: {fn}")
-    for _ in range(WARMUP_CUDA if cuda else 1):  # warm-up (first calls allocate, jit caches...)
+    for _ in range(warmup if warmup is not None else (WARMUP_CUDA if cuda else 1)):  # first calls allocate...
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -467,7 +522,7 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
     row["spread"] = {k: (min(v), max(v)) for k, v in times.items()}
     row["matmul_n"] = n
     row["peak_gflops"] = 2 * n**3 / med["matmul"] / 1e9
-    log(f"  {name} b={batch}" + (f" {prec}" if cuda else "") + ": "
+    log(f"  {name} b={batch} {prec}: "
         + ", ".join(f"{k} {v * 1e3:.{3 if cuda else 1}f} ms" for k, v in med.items())
         + f"; err {row['err_eager']:.2e}; {row['flops'] / 1e9:.2f} GFLOP")
     return row
@@ -514,69 +569,100 @@ def machine_info(device: str = "cpu", precs: tuple[str, ...] = ("highest",)) -> 
 
 def render(rows: list[dict], mem: dict, args, header: str) -> str:
     cuda = args.device == "cuda"
-    # GPU module calls take tens of microseconds: show ms to 3 decimals there. The precision column is GPU-only.
+    # GPU module calls take tens of microseconds: show ms to 3 decimals there.
     _ms_ = (lambda t: _ms(t, 3)) if cuda else _ms  # noqa: E731
-    pc = (lambda r: f"{r['precision']} | ") if cuda else (lambda r: "")  # noqa: E731
+    pc = lambda r: f"{r['precision']} | "  # noqa: E731
+    cols = ("eager", "compiled") + (("cudagraphs",) if cuda else ())
+    names = {"eager": "eager", "compiled": "compiled", "cudagraphs": "CUDA graphs"}
     lines = [header, ""]
-    lines.append(
-        "| workload | batch | " + ("precision | " if cuda else "")
-        + "port eager ms | port compiled ms | Flax jit ms | eager × Flax | compiled × Flax "
-        "| GFLOP | peak matmul GFLOP/s | floor ms | share of floor eager / compiled | max err eager / compiled |"
-    )
-    lines.append("|" + "---|" * (13 if cuda else 12))
-    for r in rows:
-        t = r["times"]
-        e, c, f = t.get("eager"), t.get("compiled"), t.get("flax")
-        floor = r["flops"] / (r["peak_gflops"] * 1e9)
-        share = f"{floor / e:.0%}" + (f" / {floor / c:.0%}" if c else " / —")
-        comp = _ms_(c) if c else ("error: " + r["compiled_error"] if "compiled_error" in r else "—")
-        err = f"{r['err_eager']:.1e}" + (f" / {r['err_compiled']:.1e}" if "err_compiled" in r else "")
+    infer = [r for r in rows if r.get("kind", "infer") == "infer"]
+    train = [r for r in rows if r.get("kind") == "train"]
+    if infer:
         lines.append(
-            f"| {r['workload']} | {r['batch']} | {pc(r)}{_ms_(e)} | {comp} | {_ms_(f)} | {f / e:.2f}x | "
-            + (f"{f / c:.2f}x" if c else "—")
-            + f" | {r['flops'] / 1e9:.2f} | {r['peak_gflops']:.0f} | {_ms_(floor)} | {share} | {err} |"
+            "| workload | batch | precision | " + " | ".join(f"port {names[c]} ms" for c in cols) + " | Flax jit ms | "
+            + " | ".join(f"{names[c]} × Flax" for c in cols)
+            + " | GFLOP | peak matmul GFLOP/s | floor ms | share of floor " + " / ".join(names[c] for c in cols)
+            + " | max err " + " / ".join(names[c] for c in cols) + " |"
         )
+        ncol = 3 + 2 * len(cols) + 1 + 5
+        lines.append("|" + "---|" * ncol)
+    for r in infer:
+        t = r["times"]
+        f = t.get("flax")
+        floor = r["flops"] / (r["peak_gflops"] * 1e9)
+
+        def cell(c, r=r, t=t):
+            if c in t:
+                return _ms_(t[c])
+            return ("error: " + r[f"{c}_error"]) if f"{c}_error" in r else "—"
+
+        ratios = " | ".join(f"{f / t[c]:.2f}x" if c in t else "—" for c in cols)
+        share = " / ".join(f"{floor / t[c]:.0%}" if c in t else "—" for c in cols)
+        err = " / ".join(f"{r[f'err_{c}']:.1e}" for c in cols if f"err_{c}" in r)
+        lines.append(
+            f"| {r['workload']} | {r['batch']} | {pc(r)}" + " | ".join(cell(c) for c in cols)
+            + f" | {_ms_(f)} | {ratios} | {r['flops'] / 1e9:.2f} | {r['peak_gflops']:.0f} | {_ms_(floor)} "
+            f"| {share} | {err} |"
+        )
+        dashes = " | ".join(["—"] * (len(cols) - 1))
         for k, v in t.items():
             if k.startswith("tp:"):
                 lines.append(
-                    f"| ↳ {k[3:]} (**not Scenic's computation**) | {r['batch']} | {pc(r)}{_ms_(v)} | — | — | "
-                    f"{f / v:.2f}x | — | — | — | — | — | n/a |"
+                    f"| ↳ {k[3:]} (**not Scenic's computation**) | {r['batch']} | {pc(r)}{_ms_(v)} | {dashes} | — | "
+                    f"{f / v:.2f}x | {dashes} | — | — | — | — | n/a |"
                 )
         for msg in r.get("tp_missing", []):
             lines.append(
                 f"| ↳ {msg} (not Scenic's computation) | {r['batch']} | {pc(r)}"
-                "— | — | — | — | — | — | — | — | — | — |"
+                + " | ".join(["—"] * (ncol - 3)) + " |"
             )
+    if train:
+        lines += render_train(train, cols, names, _ms_, args)
     if mem:
         if cuda:
             what = (
-                f"fresh process, precision '{args.precs[0]}'; port: `torch.cuda.max_memory_allocated()` during the "
-                "call minus `memory_allocated()` just before it; Flax: the jax device's `memory_stats()`, "
-                "`peak_bytes_in_use` after the call minus `bytes_in_use` before it; MiB. \"≤\": the Flax call "
-                "stayed below an earlier peak of its process (jax cannot reset the counter), so only a bound"
+                "fresh process; port: `torch.cuda.max_memory_allocated()` during the call minus "
+                "`memory_allocated()` just before it; Flax: the jax device's `memory_stats()`, `peak_bytes_in_use` "
+                "after the call minus `bytes_in_use` before it; MiB. \"≤\": the Flax call stayed below an earlier "
+                "peak of its process (jax cannot reset the counter), so only a bound"
             )
         else:
             what = "fresh process; peak RSS during the call minus RSS just before it, MiB"
-        lines += ["", f"Peak activation memory of one inference call ({what}):", "",
-                  "| workload | batch | port eager | Flax jit |", "|---|---|---|---|"]
-        for (w, b), v in mem.items():
-            fmt = lambda x: "—" if x is None else (x if isinstance(x, str) else f"{x:.0f}")  # noqa: E731
-            lines.append(f"| {w} | {b} | {fmt(v.get('port'))} | {fmt(v.get('flax'))} |")
+        fmt = lambda x: "—" if x is None else (x if isinstance(x, str) else f"{x:.0f}")  # noqa: E731
+        for kind, title in (("infer", "one inference call"),
+                            ("train", "one training forward + backward (gradient buffers included, both sides)")):
+            items = [(k, v) for k, v in mem.items() if k[2] == kind]
+            if not items:
+                continue
+            lines += ["", f"Peak memory of {title} ({what}):", "",
+                      "| workload | batch | precision | port eager | Flax jit |", "|---|---|---|---|---|"]
+            for (w, b, _, q), v in items:
+                lines.append(f"| {w} | {b} | {q} | {fmt(v.get('port'))} | {fmt(v.get('flax'))} |")
+    lines += ["", "Columns and their one-line recipes (benchmarks/recipes.py):", ""]
+    for kind in (("infer",) if infer else ()) + (("train",) if train else ()):
+        for c in cols[1:]:
+            rec = recipe(args.device, kind, c)
+            if rec is not None:
+                what = "inference" if kind == "infer" else "training"
+                lines.append(f"- {names[c]}, {what}: `{rec.line}`"
+                             + (f" (run with backend={args.backend!r} instead)" if args.backend else ""))
+    if train:
+        lines.append(f"- full step, optimiser: {train_rows.OPTIMIZER_NOTE}")
+    lines.append("")
     if cuda:
         lines += [
-            "",
             f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported, "
             f"after {WARMUP_CUDA} warm-up rounds. Every timed call is bracketed by `torch.cuda.synchronize()` "
             "(the Flax call also ends in `block_until_ready()`): a time runs from launch to the end of the GPU "
             "work. Precision: 'highest' = TF32 off in torch (cuBLAS matmuls, cuDNN convolutions) and "
             "`jax_default_matmul_precision='highest'`, full float32 on both sides; 'tf32' = TF32 on and "
-            "'tensorfloat32' on both sides (errors of ~1e-3 are expected there). Errors are max|port - Flax| / "
+            "'tensorfloat32' on both sides (errors of ~1e-3 are expected there); 'bf16' = Scenic's "
+            "`dtype='bfloat16'` on both sides (encoder blocks in bfloat16). Errors are max|port - Flax| / "
             "max(1, max|Flax|). Floor = GFLOP / peak matmul rate measured in the same rounds "
             f"({MATMUL_N_CUDA}³ float32 torch matmul on the GPU, in the row's precision).",
         ]
         return "\n".join(lines) + "\n"
     lines += [
-        "",
         f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported. "
         "Flax runs `jax.jit(module.apply)` under `jax_default_matmul_precision='highest'` (what the parity harness "
         "uses; on CPU XLA computes float32 dots in float32 at every precision setting, so 'highest' costs nothing "
@@ -584,6 +670,45 @@ def render(rows: list[dict], mem: dict, args, header: str) -> str:
         "the same rounds (2048³ float32 torch matmul).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_train(rows: list[dict], cols: tuple[str, ...], names: dict, _ms_, args) -> list[str]:
+    """The training table: forward + backward and full AdamW step, one line each per row."""
+    cuda = args.device == "cuda"
+    lines = [
+        "",
+        "Training (softmax cross-entropy; Scenic: `jax.jit(jax.value_and_grad(loss))`, full step: "
+        "`optax.adamw` in one jitted step; gradients of every column checked against Scenic's, scaled like the "
+        "goldens, worst leaf named; \"adamw err\": one torch AdamW step vs optax.adamw on the same gradients):",
+        "",
+        "| workload | batch | precision | what | " + " | ".join(f"port {names[c]} ms" for c in cols)
+        + " | Scenic jit ms | " + " | ".join(f"{names[c]} × Scenic" for c in cols)
+        + " | grad err " + " / ".join(names[c] for c in cols) + " (tolerance) | adamw err |",
+        "|" + "---|" * (4 + 2 * len(cols) + 3),
+    ]
+    for r in rows:
+        t = r["times"]
+        errs = " / ".join(f"{r[f'grad_err_{c}']:.1e}" if f"grad_err_{c}" in r else "—" for c in cols)
+        bad = [c for c in cols if r.get(f"grad_err_{c}", 0.0) > r["tolerance"]]
+        if bad:
+            errs += " **over: " + ", ".join(f"{c} at {r[f'grad_worst_{c}']}" for c in bad) + "**"
+        for what, label in (("fwd_bwd", "forward + backward"), ("step", "full step (AdamW)")):
+            f = t.get(f"{what}:flax")
+
+            def cell(c, what=what, r=r, t=t):
+                if f"{what}:{c}" in t:
+                    return _ms_(t[f"{what}:{c}"])
+                return ("error: " + r[f"error_{c}"]) if f"error_{c}" in r else "—"
+
+            ratios = " | ".join(f"{f / t[f'{what}:{c}']:.2f}x" if f"{what}:{c}" in t else "—" for c in cols)
+            tail = f"{errs} ({r['tolerance']:.0e}) | {r['adamw_err']:.1e}" if what == "fwd_bwd" else "— | —"
+            lines.append(
+                f"| {r['workload']} | {r['batch']} | {r['precision']} | {label} | "
+                + " | ".join(cell(c) for c in cols) + f" | {_ms_(f)} | {ratios} | {tail} |"
+            )
+    if not cuda:
+        lines.append("")
+    return lines
 
 
 def _fail(msg: str) -> None:
@@ -596,32 +721,52 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: port, Flax (jax GPU backend) and the matmul floor on the first GPU")
+    p.add_argument("--rows", default="infer,train",
+                   help="comma-separated, of infer (inference rows) and train (forward + backward and full AdamW "
+                        "step rows, ViT workloads); default both")
     p.add_argument("--precision", default=None,
-                   help="comma-separated, of highest,tf32 (one row each); tf32 needs cuda. "
-                        "Default: highest,tf32 on cuda, highest on cpu")
+                   help="inference rows: comma-separated, of highest,tf32,bf16 (one row each); tf32 needs cuda; "
+                        "bf16 = Scenic's dtype='bfloat16' (ViTs only). Default: highest,tf32,bf16 on cuda, "
+                        "highest on cpu")
+    p.add_argument("--train-precision", default=None,
+                   help="training rows, as --precision. Default: bf16 on cuda, highest on cpu")
     p.add_argument("--quick", action="store_true",
-                   help="batch 1 for the ViTs (cuda: 8), 3 repeats (cuda: 5), no batch-1 memory")
-    p.add_argument("--repeats", type=int, default=None, help="default 7 (cuda: 20)")
+                   help="smoke test: a tiny TokenLearner ViT instead of the workloads, batch 2, 1 repeat, "
+                        "1 warm-up round, no memory")
+    p.add_argument("--repeats", type=int, default=None, help="default 7 (cuda: 20; --quick: 1)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1; cuda: 3)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-only", default=None, metavar="SUBSTRING",
                    help="torch.compile only the workloads whose name contains this (compiling B/16 is slow)")
+    p.add_argument("--backend", default=None,
+                   help="torch.compile backend instead of each recipe's inductor (e.g. aot_eager, for tests)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--batches", default=None,
-                   help="comma-separated ViT batch sizes (default 1,8; --quick: 1; cuda: 8,64; cuda --quick: 8)")
+                   help="comma-separated ViT inference batch sizes (default 1,8; cuda: 8,64)")
+    p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8; cuda: 64)")
     p.add_argument("--only", default=None, help="substring of the workload names to run")
     p.add_argument("--out", default=None, help="default benchmarks/results/cpu.md (cuda: gpu.md)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-kind", default="infer", choices=("infer", "train"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         w, impl, b = args.memory_child
-        print(json.dumps(memory_child(w, impl, int(b), args.device, args.precision or "highest")))
+        print(json.dumps(memory_child(w, impl, int(b), args.device, args.precision or "highest", args.memory_kind)))
         return
     cuda = args.device == "cuda"
-    args.precs = tuple((args.precision or ("highest,tf32" if cuda else "highest")).split(","))
-    if any(q not in PRECISIONS for q in args.precs):
-        _fail(f"--precision takes a comma-separated list of {', '.join(PRECISIONS)}, got {args.precision!r}")
-    if not cuda and args.precs != ("highest",):
-        _fail("--precision tf32 needs --device cuda (CPUs have no TF32; XLA CPU computes float32 dots in float32)")
+    kinds = tuple(args.rows.split(","))
+    if not kinds or any(k not in ("infer", "train") for k in kinds):
+        _fail(f"--rows takes a comma-separated list of infer, train; got {args.rows!r}")
+    args.precs = tuple((args.precision or ("highest,tf32,bf16" if cuda else "highest")).split(","))
+    args.train_precs = tuple((args.train_precision or ("bf16" if cuda else "highest")).split(","))
+    for opt, precs in (("--precision", args.precs), ("--train-precision", args.train_precs)):
+        if any(q not in PRECISIONS for q in precs):
+            _fail(f"{opt} takes a comma-separated list of {', '.join(PRECISIONS)}, got {','.join(precs)!r}")
+        if not cuda and "tf32" in precs:
+            _fail(f"{opt} tf32 needs --device cuda (CPUs have no TF32; XLA CPU computes float32 dots in float32)")
+    for opt, value in (("--batches", args.batches), ("--train-batches", args.train_batches)):
+        if value is not None and not all(b.strip().isdigit() and int(b) > 0 for b in value.split(",")):
+            _fail(f"{opt} takes comma-separated positive integers, got {value!r}")
     if cuda:
         if not torch.cuda.is_available():
             _fail(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)")
@@ -634,56 +779,85 @@ def main() -> None:
         except RuntimeError as e:
             _fail(f"--device cuda: jax {jax.__version__} has no GPU backend ({str(e).splitlines()[0]})")
     if args.repeats is None:
-        args.repeats = (5 if args.quick else 20) if cuda else (3 if args.quick else 7)
+        args.repeats = 1 if args.quick else (20 if cuda else 7)
+    if args.warmup is None:
+        args.warmup = 1 if args.quick or not cuda else WARMUP_CUDA
+    if args.quick:
+        args.no_memory = True
     if args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / ("gpu.md" if cuda else "cpu.md"))
     torch.manual_seed(0)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    header = machine_info(args.device, args.precs)
+    header = machine_info(args.device, tuple(dict.fromkeys(args.precs + args.train_precs)))
     log(header)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if cuda:  # the options shape a GPU run (batches, precisions, compile subset): record them, less --out
-        title = "# GPU benchmark (latest run)"
-        argv = sys.argv[1:]
-        kept = [a for i, a in enumerate(argv) if not (a.startswith("--out") or (i and argv[i - 1] == "--out"))]
-        command = shlex.join(["python", "benchmarks/bench_speed.py"] + kept)
-    else:
-        title = "# CPU benchmark (latest run)"
-        command = "python benchmarks/bench_speed.py" + (" --quick" if args.quick else "")
+    title = "# GPU benchmark (latest run)" if cuda else "# CPU benchmark (latest run)"
+    # The options shape a run (rows, batches, precisions, compile subset): record them, less --out.
+    argv = sys.argv[1:]
+    kept = [a for i, a in enumerate(argv) if not (a.startswith("--out") or (i and argv[i - 1] == "--out"))]
+    command = shlex.join(["python", "benchmarks/bench_speed.py"] + kept)
 
     def write(text: str, partial: bool = False) -> None:
         note = "_Partial: written after each row; the run was still going or was cut off._\n\n" if partial else ""
         out.write_text(f"{title}\n\n{note}Command: `{command}`\n\n" + text)
 
+    def batches_of(value: Optional[str], default: list[int]) -> list[int]:
+        return [int(b) for b in value.split(",")] if value else default
+
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    selected = {n: s for n, s in workloads.items() if not (args.only and args.only not in n)}
+    if not selected:
+        _fail(f"--only {args.only!r} matches no workload; the workloads are: {'; '.join(workloads)}")
+    vit_batches = batches_of(args.batches, [2] if args.quick else ([8, 64] if cuda else [1, 8]))
+    train_batches = batches_of(args.train_batches, [2] if args.quick else ([64] if cuda else [8]))
     rows = []
-    default_batches = ([8] if args.quick else [8, 64]) if cuda else ([1] if args.quick else [1, 8])
-    for name, spec in WORKLOADS.items():
-        if args.only and args.only not in name:
-            continue
-        vit = spec["cls"] == "TokenLearnerViT"
-        vit_batches = [int(b) for b in args.batches.split(",")] if args.batches else default_batches
-        batches = vit_batches if vit else [8]
+
+    def after_row() -> None:
+        gc.collect()
+        if cuda:  # GPU runs are time-limited: one cut off keeps its rows (a CPU run leaves cpu.md alone)
+            write(render(rows, {}, args, header), partial=True)
+
+    for name, base in selected.items():
+        vit = base["cls"] == "TokenLearnerViT"
         compile_ = not args.no_compile and (args.compile_only is None or args.compile_only in name)
-        for b in batches:
-            for prec in args.precs:
-                with _precision(args.device, prec):
-                    rows.append(bench_one(name, spec, b, args.repeats, compile_, log, args.device, prec))
-                gc.collect()
-                if cuda:  # GPU runs are time-limited: one cut off keeps its rows (a CPU run leaves cpu.md alone)
-                    write(render(rows, {}, args, header), partial=True)
+        if "infer" in kinds:
+            for b in vit_batches if vit else [8]:
+                for prec in args.precs:
+                    spec = with_precision(base, prec)
+                    if spec is None:  # bf16 is Scenic's ViT dtype policy; the modules alone have no dtype
+                        continue
+                    with _precision(args.device, prec):
+                        rows.append(bench_one(name, spec, b, args.repeats, compile_, log, args.device, prec,
+                                              backend=args.backend, warmup=args.warmup))
+                    after_row()
+        if "train" in kinds and vit:
+            for b in train_batches:
+                for prec in args.train_precs:
+                    with _precision(args.device, prec):
+                        torch._dynamo.reset()
+                        rows.append(train_rows.bench_train(
+                            name, with_precision(base, prec), b, args.repeats,
+                            ("compiled", "cudagraphs") if compile_ else (), log, ENV, args.device, prec,
+                            warmup=args.warmup, backend=args.backend,
+                        ))
+                    after_row()
     mem: dict = {}
     if not args.no_memory:
-        names = [name for name in WORKLOADS if not (args.only and args.only not in name)]
-        jobs = [(name, impl) for name in names for impl in ("port", "flax")]
+        jobs = []
+        for name, spec in selected.items():
+            if "infer" in kinds and with_precision(spec, args.precs[0]) is not None:
+                jobs += [(name, impl, 8, args.precs[0], "infer") for impl in ("port", "flax")]
+            if "train" in kinds and spec["cls"] == "TokenLearnerViT":
+                jobs += [(name, impl, train_batches[0], args.train_precs[0], "train") for impl in ("port", "flax")]
         # One child at a time on CPU (RSS peaks and timings of a shared CPU). On cuda each child reads its own
         # process's allocator counters, so children may overlap; it saves minutes of imports and compiles.
         with concurrent.futures.ThreadPoolExecutor(4 if cuda else 1) as pool:
-            results = pool.map(lambda job: measure_memory(job[0], job[1], 8, args.device, args.precs[0]), jobs)
-            for (name, impl), value in zip(jobs, results):
-                mem.setdefault((name, 8), {})[impl] = value
+            results = pool.map(lambda job: measure_memory(job[0], job[1], job[2], args.device, job[3], job[4]), jobs)
+            for (name, impl, b, prec, kind), value in zip(jobs, results):
+                mem.setdefault((name, b, kind, prec), {})[impl] = value
                 if impl == "flax":
-                    log(f"  memory {name} b=8: {mem[(name, 8)]}")
+                    log(f"  memory {kind} {name} b={b} {prec}: {mem[(name, b, kind, prec)]}")
     text = render(rows, mem, args, header)
     print(text)
     write(text)
