@@ -171,3 +171,171 @@ def test_diversity_shows_collapse():
     assert token_diversity(disjoint)["m"].mean_cosine == 0.0
     with pytest.raises(TypeError):
         token_diversity({"m": torch.eye(4)[None]})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenlearner-viz
+
+
+GOLDENS_DIR = Golden("vit_image_cls").dir.parent
+
+
+def _viz(capsys, *argv) -> tuple[int, str, str]:
+    from tokenlearner_torch.viz.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _assert_png(path, min_size=(300, 200)):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], im.size
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+    assert pixels.std() > 10, pixels.std()  # not blank
+
+
+def _no_leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_viz_image_case_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    rc, stdout, err = _viz(capsys, GOLDENS_DIR / "vit_image_cls", "-o", out)
+    assert rc == 0, err
+    assert "used as is (no resize, no normalisation)" in stdout
+    assert "Transformer/TokenLearnerModuleV11_0: softmax over positions" in stdout
+    assert "mean pairwise cosine similarity" in stdout
+    _assert_png(out, (600, 300))
+    assert _no_leftovers(tmp_path) == ["maps.png"]
+
+
+def test_viz_video_from_image_files(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(4):  # the 4 frames the video golden takes, 40x48: resized to 32x32
+        p = tmp_path / f"frame{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(p)
+        frames.append(p)
+    out = tmp_path / "video.png"
+    case = GOLDENS_DIR / "vit_video_3dconv"
+    rc, stdout, err = _viz(capsys, case, *frames, "-o", out, "--normalize", "zero_centered")
+    assert rc == 2 and "does not fit the model, which expects 32x32" in err and "--resize" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    rc, stdout, err = _viz(capsys, case, *frames, "-o", out, "--normalize", "zero_centered", "--resize")
+    assert rc == 0, err
+    assert "resized frame0.png: 40x48 -> 32x32" in stdout and "x/127.5 - 1" in stdout
+    assert stdout.count("BTSHW") == 4  # two TokenLearners, two TokenFusers
+    _assert_png(out, (600, 400))
+
+
+def test_viz_preprocessing_is_scenics_imagenet_normalisation(tmp_path):
+    import argparse
+
+    from PIL import Image
+
+    from tokenlearner_torch.viz.cli import images_to_input, load_model
+
+    model, config, _ = load_model(Golden("vit_image_cls").dir)
+    pix = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pix).save(tmp_path / "a.png")
+    args = argparse.Namespace(normalize="imagenet", resize=None)
+    x, display = images_to_input([tmp_path / "a.png"], args, model, config, False, lambda s: None)
+    mean = np.array([0.485, 0.456, 0.406]) * 255
+    std = np.array([0.229, 0.224, 0.225]) * 255
+    np.testing.assert_allclose(x[0], (pix - mean) / std, rtol=1e-6, atol=1e-5)
+    assert x.shape == (1, 32, 32, 3) and display.shape == (1, 1, 32, 32, 3)
+
+
+def _converted_folder(tmp_path, tokenizer) -> "Path":
+    """A folder as tokenlearner-convert writes it (model.safetensors + config.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    kwargs = dict(num_classes=3, mlp_dim=32, num_layers=2, num_heads=2, tokenizer=tokenizer, hidden_size=16,
+                  representation_size=None)
+    model = _vit(tokenizer)
+    model(torch.randn(1, 16, 16, 3))  # shapes from the first input, as in Flax
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"scenic_class": "TokenLearnerViT", "constructor_kwargs": kwargs,
+                                                    "format_version": 1}))
+    return folder
+
+
+def test_viz_converted_folder_and_npy(tmp_path, capsys):
+    folder = _converted_folder(tmp_path, {"type": "dynamic", "patches": {"size": [4, 4]}, "num_tokens": 3,
+                                          "tokenlearner_loc": 1, "use_tokenfuse": False})
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((16, 16, 3)).astype(np.float32))
+    out = tmp_path / "maps.png"
+    rc, stdout, err = _viz(capsys, folder, x, "-o", out)
+    assert rc == 0, err
+    assert "maps [1, 3, 4, 4] (BSHW)" in stdout
+    _assert_png(out)
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["missing_image", "missing_model", "no_token_learner", "wrong_size_npy", "token_model", "no_normalize",
+     "not_png", "not_an_image", "bad_resize"],
+)
+def test_viz_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, what):
+    out = tmp_path / "out.png"
+    image_case = GOLDENS_DIR / "vit_image_cls"
+    png = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+    argv, expect = {
+        "missing_image": ([image_case, tmp_path / "nope.png", "-o", out], "no such file"),
+        "missing_model": ([tmp_path / "no_model", "-o", out], "no such folder"),
+        "wrong_size_npy": ([image_case, tmp_path / "x.npy", "-o", out], "48x48 (HxW) does not fit the model, which expects 32x32"),
+        "token_model": ([GOLDENS_DIR / "fuser_norm", "-o", out], "takes tokens, not images"),
+        "no_normalize": ([image_case, png, "-o", out], "need --normalize"),
+        "not_png": ([image_case, "-o", tmp_path / "out.jpg"], "PNG"),
+        "not_an_image": ([image_case, tmp_path / "bad.png", "-o", out, "--normalize", "unit"], "cannot read as an image"),
+        "bad_resize": ([image_case, png, "-o", out, "--normalize", "unit", "--resize", "big"], "expected HxW"),
+        "no_token_learner": (None, "no TokenLearner or TokenFuser"),
+    }[what]
+    if what == "wrong_size_npy":
+        np.save(tmp_path / "x.npy", np.zeros((1, 48, 48, 3), np.float32))  # 36 patches, the model has 16
+    if what == "not_an_image":
+        (tmp_path / "bad.png").write_bytes(b"not a png")
+    if what == "no_token_learner":
+        folder = _converted_folder(tmp_path, {"type": "patch", "patches": {"size": [4, 4]}, "use_tokenfuse": False})
+        argv = [folder, "-o", out]
+    before = set(_no_leftovers(tmp_path))
+    rc, stdout, err = _viz(capsys, *argv)
+    assert rc == 2, (rc, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("tokenlearner-viz: error: "), err
+    assert expect in err, err
+    assert "Traceback" not in err
+    assert set(_no_leftovers(tmp_path)) == before  # no output, no temporary file
+
+
+def test_core_imports_without_plotting_libraries(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['PIL'] = None\n"
+        "import torch, tokenlearner_torch as tl\n"
+        "from tokenlearner_torch.viz import token_maps\n"
+        "m = tl.TokenLearnerModuleV11(num_tokens=2).eval()\n"
+        "print(tuple(token_maps(m, torch.randn(1, 3, 3, 8))['TokenLearnerModuleV11'].shape))\n"
+        "from tokenlearner_torch.viz.cli import main\n"
+        f"sys.exit(main(['{Golden('vit_image_cls').dir}', '-o', '{tmp_path / 'x.png'}']))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.stdout.strip() == "(1, 2, 3, 3)", res.stderr
+    assert res.returncode == 1 and "pip install 'tokenlearner-torch[viz]'" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()

@@ -182,6 +182,16 @@ def _parse_hw(text: str) -> tuple[int, int]:
     return h, w
 
 
+def check_fits(what: Any, h: int, w: int, model: Any, config: dict[str, Any], n_frames: int, hint: str = "") -> None:
+    """UsageError unless frames of ``h`` x ``w`` give the patches the position embedding was made for."""
+    square, per_frame = expected_frame_size(model, config, n_frames)
+    fh, fw = _patch(config)
+    if (h // fh) * (w // fw) != per_frame:
+        want = f"{square[0]}x{square[1]}" if square else f"(H/{fh})*(W/{fw}) = {per_frame} patches"
+        raise UsageError(f"{what}: {h}x{w} (HxW) does not fit the model, which expects {want} "
+                         f"({per_frame} patches of {fh}x{fw} per frame){hint}")
+
+
 def images_to_input(paths: list[Path], args: argparse.Namespace, model: Any, config: dict[str, Any],
                     video: bool, say) -> tuple[np.ndarray, np.ndarray]:
     """``(model input, display frames in [0, 1])`` from image files, printing every step."""
@@ -206,10 +216,7 @@ def images_to_input(paths: list[Path], args: argparse.Namespace, model: Any, con
             img = _resize(img, target)
             say(f"resized {p.name}: {h}x{w} -> {target[0]}x{target[1]} (HxW; bicubic, whole image, no crop)")
             h, w = target
-        if (h // fh) * (w // fw) != per_frame:
-            want = f"{square[0]}x{square[1]}" if square else f"(H/{fh})*(W/{fw}) = {per_frame} patches"
-            raise UsageError(f"{p}: {h}x{w} (HxW) does not fit the model, which expects {want} "
-                             f"({per_frame} patches of {fh}x{fw} per frame); pass --resize")
+        check_fits(p, h, w, model, config, n_frames, hint="; pass --resize")
         out.append(img)
     if len({im.shape for im in out}) > 1:
         raise UsageError("the images differ in size after preprocessing: " +
@@ -313,6 +320,7 @@ def run(args: argparse.Namespace, say) -> Path:
                             _npz_rank(arrays[0]) == 5, say)
         else:
             x = array_input(arrays[0], "x", video, say)
+        check_fits(arrays[0], x.shape[-3], x.shape[-2], model, config, x.shape[1] if x.ndim == 5 else 1)
         display = _minmax(x) if x.ndim == 5 else _minmax(x)[:, None]
         say("display: each example min-max scaled to [0, 1] (its values, not pixels)")
 
