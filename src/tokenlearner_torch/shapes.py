@@ -46,6 +46,11 @@ def build_parameters(module: nn.Module, input_shapes: Sequence[Sequence[int]]) -
     who = type(module).__name__
     if isinstance(input_shapes, (str, bytes)) or not isinstance(input_shapes, Sequence) or not input_shapes:
         raise ConfigError(f"{who}: input_shapes must be a list of shapes, one per input, got {input_shapes!r}")
+    if all(isinstance(d, int) for d in input_shapes):
+        raise ConfigError(
+            f"{who}: input_shapes is a list of shapes, one per input; got one shape {tuple(input_shapes)}: "
+            f"pass [{tuple(input_shapes)}]"
+        )
     shapes = [_shape(s, i, who) for i, s in enumerate(input_shapes)]
     if lazy_parameter_names(module):
         ref = next((p for p in module.parameters() if not isinstance(p, nn.UninitializedParameter)), None)
