@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-grads", action="store_true", help="compare the forward pass only")
         if json_out:
             sp.add_argument("--json", metavar="FILE", help="write the report(s) as JSON ('-' for stdout)")
+            sp.add_argument("--plot", metavar="FILE.png", help="draw the per-module errors along the execution order "
+                            "(needs the viz extra: matplotlib)")
         sp.add_argument("-v", "--verbose", action="store_true", help="list every tensor, not only the first 40")
         sp.add_argument("-q", "--quiet", action="store_true", help="print only the summary line(s)")
 
@@ -130,10 +132,32 @@ def _write_json(reports: list[Any], errors: list[str], args: argparse.Namespace)
             raise UsageError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
 
 
+def _plot_path(args: argparse.Namespace) -> None:
+    """Refuse a --plot that cannot be written before anything runs."""
+    if not args.plot:
+        return
+    path = Path(args.plot)
+    if path.suffix.lower() != ".png" or not path.parent.is_dir():
+        raise UsageError(f"--plot {path}: expected a .png file in an existing folder")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'tokenlearner-torch[viz]'") from None
+
+
+def _write_plot(reports: list[Any], args: argparse.Namespace) -> None:
+    if args.plot and reports:
+        from .plot import plot_reports
+
+        plot_reports(reports, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from .api import check_case
     from .cases import find_cases
 
+    _plot_path(args)
     reports, errors = [], []
     if args.weights and (len(args.cases) != 1 or len(find_cases(args.cases[0])) != 1):
         raise UsageError("--weights takes exactly one case folder")
@@ -152,6 +176,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for e in errors:
         print(f"{PROG}: error: {e}", file=sys.stderr)
     _write_json(reports, errors, args)
+    _write_plot(reports, args)
     if errors:
         return EXIT_USAGE
     return EXIT_OK if all(r.passed for r in reports) else EXIT_FAIL
@@ -160,6 +185,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_live(args: argparse.Namespace) -> int:
     from .api import live
 
+    _plot_path(args)
     modes = list(MODE_CHOICES) if args.mode == "all" else [args.mode]
     reports = []
     for mode in modes:
@@ -170,6 +196,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
         )
     _emit(reports, args)
     _write_json(reports, [], args)
+    _write_plot(reports, args)
     return EXIT_OK if all(r.passed for r in reports) else EXIT_FAIL
 
 

@@ -339,3 +339,54 @@ def test_core_imports_without_plotting_libraries(tmp_path):
     assert res.returncode == 1 and "pip install 'tokenlearner-torch[viz]'" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenlearner-parity --plot
+
+
+def _parity(capsys, *argv) -> tuple[int, str, str]:
+    from tokenlearner_torch.parity.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_parity_plot_series_are_the_reports_numbers():
+    from tokenlearner_torch.parity import check_case
+    from tokenlearner_torch.parity.plot import module_series
+
+    rep = check_case(GOLDENS_DIR / "vit_video_3dconv", tol=1e-6)  # tighter than float32 noise: some fail
+    assert not rep.passed
+    labels, series = module_series(rep)
+    inter = [r for r in rep.rows if r.kind == "intermediate"]
+    # one point per intermediate, in the report's (execution) order, with the report's scaled error
+    assert [labels[x] for x, _, _ in series["intermediate"]] == [r.module for r in inter]
+    assert [v for _, v, _ in series["intermediate"]] == [r.scaled for r in inter]
+    assert [f for _, _, f in series["intermediate"]] == [not r.passed for r in inter]
+    # gradients: the worst per module, structural zeros that pass left out (as Report.max_error does)
+    grads = [r for r in rep.rows if r.kind == "gradient" and not (r.structural_zero and r.passed)]
+    assert max(v for _, v, _ in series["gradient"]) == max(r.scaled for r in grads)
+    assert series["output"] == [(len(labels) - 1, rep.rows[0].scaled, not rep.rows[0].passed)]
+    assert rep.first_divergence.module in labels
+
+
+def test_parity_check_plot(tmp_path, capsys):
+    out = tmp_path / "parity.png"
+    rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "vit_image_cls", GOLDENS_DIR / "fuser_norm",
+                              "-q", "--plot", out)
+    assert rc == 0, err
+    assert f"wrote {out}" in stdout
+    _assert_png(out, (500, 500))  # two charts stacked
+    rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "vit_image_cls", "-q", "--tol", "1e-7", "--plot", out)
+    assert rc == 1  # a parity failure still draws its chart
+    _assert_png(out)
+    assert _no_leftovers(tmp_path) == ["parity.png"]
+
+
+@pytest.mark.parametrize("bad", ["chart.jpg", "missing_dir/chart.png"])
+def test_parity_plot_bad_path_is_a_usage_error(tmp_path, capsys, bad):
+    rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "fuser_norm", "-q", "--plot", tmp_path / bad)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--plot" in err
+    assert _no_leftovers(tmp_path) == [] and stdout == ""
