@@ -136,10 +136,12 @@ class ScenicTrainer:
         self._reset_optimizer()
 
     def params(self) -> dict[str, Any]:
-        """The current parameters as a Flax ``params`` tree (nested dicts of numpy arrays)."""
+        """A snapshot of the current parameters as a Flax ``params`` tree (nested dicts of numpy arrays)."""
+        from ..weights_convert.layouts import flatten_tree, unflatten_tree
         from ..weights_convert.mapping import torch_to_flax
 
-        return torch_to_flax(self.model)
+        # torch_to_flax may return views of the parameters' memory; a snapshot must not move with training.
+        return unflatten_tree({k: np.array(v, copy=True) for k, v in flatten_tree(torch_to_flax(self.model)).items()})
 
     def optimizer_state(self, key: str) -> dict[str, Any]:
         """One per-parameter optax state (``'mu'``, ``'nu'``, ``'trace'``) as a Flax tree."""
