@@ -390,3 +390,11 @@ def test_parity_plot_bad_path_is_a_usage_error(tmp_path, capsys, bad):
     rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "fuser_norm", "-q", "--plot", tmp_path / bad)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--plot" in err
     assert _no_leftovers(tmp_path) == [] and stdout == ""
+
+
+def test_parity_live_plot(tmp_path, capsys):
+    pytest.importorskip("jax")
+    out = tmp_path / "live.png"
+    rc, stdout, err = _parity(capsys, "live", GOLDENS_DIR / "fuser_norm", "-q", "--no-grads", "--plot", out)
+    assert rc == 0, err
+    _assert_png(out)

@@ -346,7 +346,7 @@ def run(args: argparse.Namespace, say) -> Path:
             raise RuntimeError(f"{path}: {arr.shape[1]} token frames but {backgrounds.shape[1]} frame groups")
         drawn[path] = arr
         kind = MAP_KINDS[type(modules[path])]
-        labels[path] = f"{path}\n{kind}\nmean cos {div[path].mean_cosine:.2f}"
+        labels[path] = f"{path}\n{kind}\ntoken similarity (mean cos) {div[path].mean_cosine:.2f}"
         say(f"{path}: {kind}, maps {list(m.shape)} ({layout}), mean pairwise cosine similarity "
             f"{div[path].mean_cosine:.3f}")
     gh, gw = next(iter(drawn.values())).shape[-2:]

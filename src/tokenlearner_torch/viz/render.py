@@ -93,10 +93,10 @@ def render_token_maps(
                     ax.imshow(gray[i, ti], cmap="gray", vmin=0, vmax=1, extent=(0, w, h, 0))
                     ax.imshow(m[i, ti, si], cmap="inferno", alpha=0.6, vmin=lo, vmax=hi if hi > lo else lo + 1,
                               interpolation="nearest", extent=(0, w, h, 0))
-                    if i == 0 and r == 1 or (ti == 0 and r == 1):
-                        ax.set_title(f"token {si}" + (f" t{ti}" if t > 1 else ""), fontsize=7)
-                    elif t > 1:
-                        ax.set_title(f"token {si} t{ti}", fontsize=6)
+                    if t > 1:  # a frame strip per token: every panel says which
+                        ax.set_title(f"token {si}, t{ti}", fontsize=6)
+                    elif r == 1:
+                        ax.set_title(f"token {si}", fontsize=7)
             axes[r0 + r, 0].set_ylabel(labels.get(path, path), fontsize=6, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=8)
