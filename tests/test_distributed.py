@@ -1,0 +1,138 @@
+"""Distributed training on torch.distributed: DDP and FSDP2 on 2 CPU processes (gloo), and activation
+checkpointing.
+
+The runs go through the documented launcher and script (``torchrun ... scripts/train_distributed.py``) on
+127.0.0.1 with a free port; the model is built from its input shapes (no warm-up forward) and wrapped at
+once. A few AdamW steps on 2 processes x half the batch must give the weights of one process on the whole
+batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tokenlearner_torch as tl
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_distributed.py"
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_distributed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp_path: Path, *args: str) -> tuple[dict[str, torch.Tensor], str]:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "weights.safetensors"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPT), "--device", "cpu", "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
+        "--save", str(out), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on a 2-core machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return load_file(str(out)), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, torch.Tensor]:
+    """The reference: one process, the whole batch, the same steps."""
+    script = _script()
+    model = script.build_model()
+    script.train(model, STEPS, GLOBAL_BATCH)
+    return script.full_state_dict(model)
+
+
+def _noise_gradient(name: str) -> bool:
+    """Parameters whose gradient is mathematically zero (tests/goldens.is_structurally_zero): they hold
+    rounding noise, which differs with the summation order (two halves vs the whole batch), and Adam
+    normalises it, so their updates are noise of size up to lr."""
+    return name.endswith("key.bias") or ("TokenFuser" in name and name.endswith(".Dense_0.bias")) or (
+        "TokenLearnerModuleV11" in name and name.endswith("token_masking.Dense_1.bias")
+    )
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    diffs = {k: float((got[k] - want[k]).abs().max()) for k in want}
+    real = {k: d for k, d in diffs.items() if not _noise_gradient(k)}
+    worst = max(real, key=real.get)
+    assert real[worst] <= 1e-6, f"max weight difference to one process: {real[worst]:.3g} ({worst})"
+    assert len(real) > 0.9 * len(diffs)
+    moved = max(float((want[k] - initial[k]).abs().max()) for k in want)
+    assert moved > 1e-3  # the steps changed the weights, so the comparison means something
+
+
+@pytest.fixture(scope="module")
+def initial() -> dict[str, torch.Tensor]:
+    script = _script()
+    return script.full_state_dict(script.build_model())
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="this torch build has no torch.distributed")
+def test_ddp_two_processes_equal_one_process(tmp_path, single_process, initial):
+    weights, stdout = _torchrun(tmp_path, "--strategy", "ddp")
+    assert "ddp: 2 processes, 3 steps" in stdout
+    _assert_same_weights(weights, single_process, initial)
+
+
+def _has_fully_shard() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
+    except ImportError:
+        return False
+    return dist.is_available()
+
+
+@pytest.mark.skipif(not _has_fully_shard(), reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+def test_fsdp2_two_processes_equal_one_process(tmp_path, single_process, initial):
+    weights, stdout = _torchrun(tmp_path, "--strategy", "fsdp2", "--checkpointing")
+    assert "fsdp2: 2 processes, 3 steps" in stdout
+    _assert_same_weights(weights, single_process, initial)
+
+
+@pytest.mark.parametrize("fuser", [False, True], ids=["encoder_mod", "encoder_mod_fuser"])
+def test_grad_checkpointing_gives_bitwise_equal_gradients(fuser):
+    script = _script()
+    cfg = {**script.CONFIG, "tokenizer": {**script.CONFIG["tokenizer"], "use_tokenfuse": fuser}}
+
+    def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = tl.from_scenic("TokenLearnerViT", cfg, input_shapes=[script.IMAGE_SHAPE]).train()
+        if checkpointing:
+            model.set_grad_checkpointing()
+        calls = []
+        # a pre-hook: non-reentrant checkpointing stops the recomputation early, before forward hooks would run
+        model.Transformer.encoderblock_3.register_forward_pre_hook(lambda *a: calls.append(1))
+        x = torch.randn(4, *script.IMAGE_SHAPE, generator=torch.Generator().manual_seed(5)) + 3.0
+        model(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads(False)
+    checkpointed, ckpt_calls = grads(True)
+    assert (plain_calls, ckpt_calls) == (1, 2)  # the block really was recomputed in the backward pass
+    assert set(plain) == set(checkpointed)
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
