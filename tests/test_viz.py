@@ -398,3 +398,18 @@ def test_parity_live_plot(tmp_path, capsys):
     rc, stdout, err = _parity(capsys, "live", GOLDENS_DIR / "fuser_norm", "-q", "--no-grads", "--plot", out)
     assert rc == 0, err
     _assert_png(out)
+
+
+def test_readme_pictures_are_committed_small_and_not_blank():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    pictures = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", readme)
+    assert len(pictures) >= 3, pictures
+    for rel in pictures:
+        path = root / rel
+        assert path.stat().st_size < 200_000, (rel, path.stat().st_size)
+        _assert_png(path)
+        assert f"-o {rel}" in readme or f"--plot {rel}" in readme, f"no command line in the README makes {rel}"
