@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{check,live,record}")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{check,live,record,train}")
 
     def common(sp: argparse.ArgumentParser, *, json_out: bool = True) -> None:
         sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the port runs (default cpu)")
@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--copy-checkpoint", action="store_true", help="copy --checkpoint into CASE_DIR/checkpoint/")
     rc.add_argument("--force", action="store_true", help="overwrite a non-empty CASE_DIR")
     rc.add_argument("--check", action="store_true", help="then run `check` on the written case")
+    from .train import add_train_parser  # tokenlearner-parity train: parity/train.py
+
+    add_train_parser(sub, common)
     return p
 
 
@@ -239,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return EXIT_USAGE
-        handler = {"check": _cmd_check, "live": _cmd_live, "record": _cmd_record}[args.command]
+        from .train import cmd_train
+
+        handler = {"check": _cmd_check, "live": _cmd_live, "record": _cmd_record, "train": cmd_train}[args.command]
         return handler(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
