@@ -51,8 +51,9 @@ def _check_choice(value: Any, choices: Sequence[Any], what: str) -> None:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
-def _fold(x: Tensor, t: int, who: str) -> Tensor:
-    """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame."""
+def _fold(x: Tensor, t: Optional[int], default_t: int, who: str) -> Tensor:
+    """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame (t None: ``default_t``)."""
+    t = default_t if t is None else t
     n, thw, c = x.shape
     if thw % t:
         raise ShapeError(f"{who}: the sequence length {thw} is not divisible by temporal_dimensions={t}")
@@ -61,7 +62,7 @@ def _fold(x: Tensor, t: int, who: str) -> Tensor:
 
 def _sample_frames(x: Tensor, n_sampled_frames: int) -> tuple[Tensor, int]:
     """[B, C, T, H, W] -> ([B, C, t*H, W], t): Scenic samples t frames and stacks them along H."""
-    idx = sampled_frame_indices(x.shape[2], n_sampled_frames)
+    idx = sampled_frame_indices(int(x.shape[2]), n_sampled_frames)
     x = x[:, :, torch.as_tensor(idx, device=x.device)]
     return x.flatten(2, 3), len(idx)
 
@@ -204,12 +205,13 @@ class EncoderMod(_Encoder):
     def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
         """[B, T*N, C] -> [B, T*num_tokens, C] ([B, T*N, C] when no TokenLearner applies);
         ``temporal_dimensions`` T overrides the constructor's."""
-        t = self.temporal_dimensions if temporal_dimensions is None else temporal_dimensions
+        t = temporal_dimensions  # None: the constructor's (resolved in _fold, where torch.fx can see it)
         x = self._start(inputs)
         for lyr in range(self.num_layers):
             if self.uses_token_learner and lyr == self.tokenlearner_loc:
                 n = x.shape[0]
-                x = getattr(self, f"{self._tl_name}_0")(_fold(x, t, type(self).__name__))  # [n*t, S, c]
+                x = _fold(x, t, self.temporal_dimensions, type(self).__name__)
+                x = getattr(self, f"{self._tl_name}_0")(x)  # [n*t, S, c]
                 x = x.reshape(n, -1, x.shape[-1])  # [n, t*S, c]
             x = self._block(lyr, x)
         return self.encoder_norm(x)
@@ -255,12 +257,12 @@ class EncoderModFuser(_Encoder):
 
     def forward(self, inputs: Tensor, *, temporal_dimensions: Optional[int] = None) -> Tensor:
         """[B, T*N, C] -> [B, T*N, C]; ``temporal_dimensions`` T overrides the constructor's."""
-        t = self.temporal_dimensions if temporal_dimensions is None else temporal_dimensions
+        t = temporal_dimensions  # None: the constructor's (resolved in _fold, where torch.fx can see it)
         x = self._start(inputs)
         for lyr in range(self.num_layers):
             if self.uses_token_learner and lyr >= self.tokenlearner_loc:
                 i = lyr - max(self.tokenlearner_loc, 0)  # Flax numbers instances in creation order
-                residual = _fold(x, t, type(self).__name__)  # [n*t, hw, c]
+                residual = _fold(x, t, self.temporal_dimensions, type(self).__name__)  # [n*t, hw, c]
                 y = getattr(self, f"{self._tl_name}_{i}")(residual)  # [n*t, S, c]
                 y = self._block(lyr, y.reshape(x.shape[0], -1, y.shape[-1])).reshape(y.shape)
                 x = (getattr(self, f"TokenFuser_{i}")(y, residual) + residual).reshape(x.shape)

@@ -1,0 +1,104 @@
+"""Graph capture without data-dependent control flow: torch.fx.symbolic_trace (timm's feature extraction),
+torch.jit.trace and torch.export with a dynamic batch, each equal to eager, on large-mean inputs too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenlearner_torch as tl
+
+from goldens import CASES, Golden
+
+_TOK = dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1, use_tokenfuse=True)
+_VIT = dict(num_classes=5, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=None,
+            dropout_rate=0.0, attention_dropout_rate=0.0)  # fmt: skip
+_SAMPLING = dict(type="video", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1, use_tokenfuse=False,
+                 temporal_encoding_config=dict(method="temporal_sampling", n_sampled_frames=2))  # fmt: skip
+
+# (name, scenic class, kwargs, input shapes without batch): every golden config plus the model variants the
+# goldens do not cover (fuser ViT, patch tokenizer, frame sampling, the representation model, channels first).
+EXTRA = [
+    ("vit_fuser", "TokenLearnerViT", {**_VIT, "tokenizer": _TOK}, [(32, 32, 3)]),
+    ("vit_patch_gmp", "TokenLearnerViT", {**_VIT, "classifier": "gmp", "tokenizer": {**_TOK, "type": "patch"}},
+     [(32, 32, 3)]),
+    ("vit_sampling", "TokenLearnerViT", {**_VIT, "classifier": "gsp", "tokenizer": _SAMPLING}, [(5, 32, 32, 3)]),
+    ("representation", "TokenLearnerViTRepresentation",
+     {k: v for k, v in _VIT.items() if k not in ("num_classes", "representation_size")}
+     | {"tokenizer": {**_TOK, "use_tokenfuse": False}, "target_channel_dim": 32}, [(2, 32, 32, 3)]),
+    ("block", "Encoder1DBlock", {"mlp_dim": 64, "num_heads": 2, "dropout_rate": 0.0,
+                                 "attention_dropout_rate": 0.0}, [(10, 32)]),
+]  # fmt: skip
+MODELS = [(c, Golden(c).config["scenic_class"], Golden(c).config["constructor_kwargs"],
+           [tuple(s["shape"][1:]) for s in Golden(c).config["inputs"]]) for c in CASES] + EXTRA  # fmt: skip
+
+
+def _build(cls: str, kwargs: dict, shapes: list) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tl.from_scenic(cls, kwargs, input_shapes=shapes)
+    with torch.no_grad():  # Scenic zero-initialises some kernels; make every parameter matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _inputs(shapes: list, batch: int, mean: float = 0.0, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *s, generator=g) + mean for s in shapes]
+
+
+@pytest.mark.parametrize("name, cls, kwargs, shapes", MODELS, ids=[m[0] for m in MODELS])
+def test_fx_symbolic_trace_equals_eager(name, cls, kwargs, shapes):
+    model = _build(cls, kwargs, shapes)
+    gm = torch.fx.symbolic_trace(model)
+    for batch, mean in [(2, 0.0), (3, 50.0)]:
+        xs = _inputs(shapes, batch, mean)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(*xs), model(*xs), rtol=0, atol=0)
+
+
+def test_fx_leaf_blocks_and_shape_checks():
+    """timm-style feature extraction (blocks as leaf modules) traces; a wrong input still gets the port's error."""
+
+    class BlockLeaves(torch.fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+            return isinstance(m, (tl.Encoder1DBlock, tl.TokenFuser)) or super().is_leaf_module(m, qualname)
+
+    model = _build("TokenLearnerViT", {**_VIT, "tokenizer": _TOK}, [(32, 32, 3)])
+    gm = torch.fx.GraphModule(model, BlockLeaves().trace(model))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"Transformer.encoderblock_0", "Transformer.encoderblock_1", "Transformer.TokenFuser_0"} <= targets
+    x = torch.randn(2, 32, 32, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    with pytest.raises(tl.ShapeError, match=r"expects \[B, H, W, C\]"):
+        torch.fx.symbolic_trace(model)(torch.randn(2, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["vit_fuser", "vit_sampling", "encoder_fuser_video_t2"])
+def test_jit_trace_equals_eager_on_other_inputs(name):
+    """No branch taken by the example input is baked in: other batches and large means agree with eager."""
+    _, cls, kwargs, shapes = next(m for m in MODELS if m[0] == name)
+    model = _build(cls, kwargs, shapes).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, tuple(_inputs(shapes, 2)), check_trace=False)
+        for batch, mean in [(2, 0.0), (2, 50.0), (5, 100.0)]:
+            xs = _inputs(shapes, batch, mean, seed=batch)
+            torch.testing.assert_close(traced(*xs), model(*xs), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit_fuser", "vit_video_3dconv"])
+def test_export_dynamic_batch_1_to_256(name):
+    from torch.export import Dim, export
+
+    _, cls, kwargs, shapes = next(m for m in MODELS if m[0] == name)
+    model = _build(cls, kwargs, shapes).eval()
+    batch = Dim("batch", min=1, max=256)
+    ep = export(model, tuple(_inputs(shapes, 4)), dynamic_shapes=({0: batch},))
+    lo, hi = ep.range_constraints[next(iter(ep.range_constraints))].lower, None
+    hi = ep.range_constraints[next(iter(ep.range_constraints))].upper
+    assert (lo, hi) == (1, 256)
+    for n, mean in [(1, 0.0), (16, 100.0), (256, 0.0)]:
+        xs = _inputs(shapes, n, mean)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(*xs), model(*xs), rtol=1e-5, atol=1e-5)
