@@ -252,7 +252,7 @@ def test_viz_preprocessing_is_scenics_imagenet_normalisation(tmp_path):
     assert x.shape == (1, 32, 32, 3) and display.shape == (1, 1, 32, 32, 3)
 
 
-def _converted_folder(tmp_path, tokenizer) -> "Path":
+def _converted_folder(tmp_path, tokenizer):
     """A folder as tokenlearner-convert writes it (model.safetensors + config.json)."""
     import json
 
@@ -413,3 +413,28 @@ def test_readme_pictures_are_committed_small_and_not_blank():
         assert path.stat().st_size < 200_000, (rel, path.stat().st_size)
         _assert_png(path)
         assert f"-o {rel}" in readme or f"--plot {rel}" in readme, f"no command line in the README makes {rel}"
+
+
+def test_viz_representation_video_npy(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    kwargs = dict(mlp_dim=32, num_layers=2, num_heads=2, hidden_size=16, target_channel_dim=16,
+                  tokenizer={"type": "video", "patches": {"size": [4, 4]}, "num_tokens": 3, "tokenlearner_loc": 1,
+                             "use_tokenfuse": True})
+    torch.manual_seed(0)
+    model = tl.TokenLearnerViTRepresentation(**kwargs).eval()
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 12, 3)).astype(np.float32)  # 3 frames of 2x3 patches
+    model(torch.from_numpy(x))
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"scenic_class": "TokenLearnerViTRepresentation",
+                                                    "constructor_kwargs": kwargs, "format_version": 1}))
+    np.save(tmp_path / "clip.npy", x)  # [B, T, H, W, 3] (4-D would be a batch of images for this class)
+    out = tmp_path / "rep.png"
+    rc, stdout, err = _viz(capsys, folder, tmp_path / "clip.npy", "-o", out)
+    assert rc == 0, err
+    assert "maps [1, 3, 3, 2, 3] (BTSHW)" in stdout and stdout.count("BTSHW") == 2  # TokenLearner, TokenFuser
+    _assert_png(out)

@@ -237,8 +237,11 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return (x - lo) / np.where(hi > lo, hi - lo, 1.0)
 
 
-def array_input(path: Path, name: str, video: bool, say) -> np.ndarray:
-    """The model input from a .npy or .npz (key ``name``, or its only array), used as it is."""
+def array_input(path: Path, name: str, video: bool, say, either: bool = False) -> np.ndarray:
+    """The model input from a .npy or .npz (key ``name``, or its only array), used as it is.
+
+    ``either``: the model takes images and videos alike (TokenLearnerViTRepresentation): a 5-D array is a
+    batch of videos, a 4-D one a batch of images."""
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
@@ -253,6 +256,8 @@ def array_input(path: Path, name: str, video: bool, say) -> np.ndarray:
             say(f"read {path}: shape {list(x.shape)} {x.dtype}, used as is (no resize, no normalisation)")
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if either:
+        video = x.ndim == 5
     rank = 5 if video else 4
     if x.ndim == rank - 1:
         x = x[None]
@@ -314,12 +319,7 @@ def run(args: argparse.Namespace, say) -> Path:
                 raise UsageError(f"{args.model}: no inputs given and no case inputs.npz there: pass image files "
                                  "or a .npy/.npz")
             arrays = [case / "inputs.npz"]
-        if cls == "TokenLearnerViTRepresentation":
-            # Representation takes [B, H, W, 3] or [B, T, H, W, 3]: the array says which.
-            x = array_input(arrays[0], "x", np.load(arrays[0]).ndim == 5 if arrays[0].suffix == ".npy" else
-                            _npz_rank(arrays[0]) == 5, say)
-        else:
-            x = array_input(arrays[0], "x", video, say)
+        x = array_input(arrays[0], "x", video, say, either=cls == "TokenLearnerViTRepresentation")
         check_fits(arrays[0], x.shape[-3], x.shape[-2], model, config, x.shape[1] if x.ndim == 5 else 1)
         display = _minmax(x) if x.ndim == 5 else _minmax(x)[:, None]
         say("display: each example min-max scaled to [0, 1] (its values, not pixels)")
@@ -364,16 +364,6 @@ def run(args: argparse.Namespace, say) -> Path:
         plt.close(fig)
     say(f"wrote {out}")
     return out
-
-
-def _npz_rank(path: Path) -> int:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = [k for k in data.files if k != "cotangent"]
-            key = "x" if "x" in keys else keys[0]
-            return int(data[key].ndim)
-    except (OSError, ValueError, IndexError) as exc:
-        raise UsageError(f"{path}: cannot read ({exc})") from None
 
 
 def _one_line(exc: BaseException) -> str:
