@@ -10,9 +10,10 @@ Every function returns a :class:`~tokenlearner_torch.parity.compare.Report`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from .cases import (
     load_json,
     write_case,
 )
-from .compare import Report, compare_all
+from .compare import F64Result, Report, compare_all
 from .modes import MODES, Mode, get_mode, precision
 from .port import run_port
 
@@ -53,8 +54,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _is_inline(config_or_case: Any) -> bool:
+    return isinstance(config_or_case, str) and config_or_case.lstrip().startswith("{")
+
+
+def _named(config_or_case: Any) -> Any:
+    """A path to show in a report (None for a dict or inline JSON)."""
+    return config_or_case if isinstance(config_or_case, (str, os.PathLike)) and not _is_inline(config_or_case) else None
+
+
 def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
-    """``(config, case_dir)`` from a dict, a JSON file or a case folder (then ``case_dir`` is set).
+    """``(config, case_dir)`` from a dict, a JSON file, a case folder (then ``case_dir`` is set) or the
+    JSON text itself (a string starting with ``{``: what a failing property test prints to replay it).
 
     A config holds ``scenic_class``, ``constructor_kwargs``, and optionally ``inputs``
     (``[{"name": ..., "shape": [...]}]``, in call order), ``call_kwargs`` and ``seed``.
@@ -62,6 +73,13 @@ def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
     case_dir = None
     if isinstance(config_or_case, Mapping):
         config = dict(config_or_case)
+    elif _is_inline(config_or_case):
+        try:
+            config = json.loads(config_or_case)
+        except ValueError as exc:
+            raise CaseError(f"inline config: not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CaseError("inline config: expected a JSON object")
     else:
         path = Path(config_or_case)
         if path.is_dir():
@@ -204,10 +222,62 @@ def _with_converted_weights(case: Case, folder: PathLike) -> Case:
     except (OSError, ValueError, TokenLearnerError) as exc:
         raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
     converted = load_json(folder / "config.json")
-    same_class = converted.get("scenic_class", "").rsplit(".", 1)[-1] == case.scenic_class.rsplit(".", 1)[-1]
-    if not same_class or converted.get("constructor_kwargs") != case.constructor_kwargs:
-        raise CaseError(f"{folder}: its config.json describes another model than the case {case.path}")
+    _same_model(folder, converted, f"the case {case.path}", case.config)
     return replace(case, params=torch_to_flax(model), params_source=f"{folder} (tokenlearner-convert output)")
+
+
+def is_converted_folder(path: PathLike) -> bool:
+    """A folder written by ``tokenlearner-convert`` (``model.safetensors`` and ``config.json``)."""
+    path = Path(path)
+    return path.is_dir() and (path / "model.safetensors").is_file() and (path / "config.json").is_file()
+
+
+def _converted_params(folder: PathLike, against: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The Flax parameter tree of a converted folder, whose config.json must describe ``config``'s model."""
+    from tokenlearner_torch.errors import TokenLearnerError
+    from tokenlearner_torch.weights_convert import load_pretrained, torch_to_flax
+
+    folder = Path(folder)
+    _same_model(folder, load_json(folder / "config.json"), against, config)
+    try:
+        model = load_pretrained(folder)
+    except (OSError, ValueError, TokenLearnerError) as exc:
+        raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
+    return torch_to_flax(model)
+
+
+def _model_words(config: Mapping[str, Any]) -> str:
+    return str(config.get("scenic_class", "?")).rsplit(".", 1)[-1]
+
+
+def _flat_kwargs(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat_kwargs(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _same_model(folder: Path, converted: Mapping[str, Any], against: str, config: Mapping[str, Any]) -> None:
+    """Raise a one-line :class:`CaseError` naming both models when ``folder``'s config.json is another model."""
+    a_cls, b_cls = _model_words(converted), _model_words(config)
+    a_kw = _flat_kwargs(_plain(converted.get("constructor_kwargs", {})))
+    b_kw = _flat_kwargs(_plain(config.get("constructor_kwargs", {})))
+    if a_cls == b_cls and a_kw == b_kw:
+        return
+    keys = sorted(k for k in set(a_kw) | set(b_kw) if a_kw.get(k, "unset") != b_kw.get(k, "unset"))
+
+    def words(cls: str, kw: Mapping[str, Any]) -> str:
+        if a_cls != b_cls or not keys:
+            return cls
+        more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+        return f"{cls} with " + ", ".join(f"{k}={kw.get(k, 'unset')}" for k in keys[:4]) + more
+
+    raise CaseError(
+        f"{folder}: its config.json describes another model than {against}: {folder.name}/ holds a "
+        f"{words(a_cls, a_kw)}; {against} is a {words(b_cls, b_kw)}"
+    )
 
 
 def _check_loaded(case: Case, m: Mode, device: str, tol: float | None, grads: bool) -> Report:
@@ -266,7 +336,9 @@ def _reference_run(
     jit: bool,
     compare_port: bool,
     fast_compile: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    say = progress or (lambda line: None)
     _require_jax()
     from tokenlearner_torch.errors import CheckpointError
     from tokenlearner_torch.weights_convert.readers import read_checkpoint
@@ -282,9 +354,17 @@ def _reference_run(
     call_kwargs = dict(config.get("call_kwargs") or default_call_kwargs(config["scenic_class"]))
     cls, kwargs = config["scenic_class"], config["constructor_kwargs"]
     notes: list[str] = []
+    say(f"building the reference: {_model_words(config)} ({R.reference_name(prefer_genuine)})")
     with precision(m, use_jax=True) as settings:
         module = R.reference_module(cls, kwargs, m, prefer_genuine=prefer_genuine)
-        if checkpoint is not None:
+        if checkpoint is not None and is_converted_folder(checkpoint):
+            say(f"reading weights: {checkpoint} (tokenlearner-convert output)")
+            against = (f"the case {case_dir}" if case_dir is not None else
+                       f"the config {_named(config_or_case)}" if _named(config_or_case) else "the config")
+            params = _converted_params(checkpoint, against, config)
+            params_source = f"{checkpoint} (tokenlearner-convert output)"
+        elif checkpoint is not None:
+            say(f"reading weights: {checkpoint}")
             try:
                 params = read_checkpoint(checkpoint)
             except CheckpointError as exc:
@@ -297,9 +377,13 @@ def _reference_run(
             params_source = f"random (seed {seed}, goldens' randomisation: no parameter zero)"
         if set(params) == {"params"}:
             params = params["params"]
+        if checkpoint is not None:
+            _check_params_fit(module, params, xs, call_kwargs, checkpoint, config)
         cot = None
         if case is not None and case.cotangent is not None and inputs is case.inputs:
             cot = case.cotangent
+        say(f"compiling and running the reference (mode {m.name}, {'jit' if jit else 'eager'}, "
+            f"{'forward and gradients' if grads else 'forward'})")
         try:
             out, inter, g, cot, run_notes = R.run_reference(
                 module, params, xs, call_kwargs, cot, m, device=device, jit=jit, grads=grads, seed=seed,
@@ -307,9 +391,14 @@ def _reference_run(
             )
         except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as exc:
             raise CaseError(f"the Flax reference rejects this config/input: {type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("flax"):  # e.g. ScopeParamShapeError: weights vs config
+                raise CaseError(f"the Flax reference rejects these weights/inputs: {_one_line(str(exc))}") from None
+            raise
         notes += run_notes
         port = None
         if compare_port:
+            say(f"running the port ({device})")
             port = run_port(cls, kwargs, params, xs, cot if grads else None, m, device)
     if m.name == "bf16" and "dtype" not in {f for f in _dtype_fields(cls)}:
         notes.append(f"{cls.rsplit('.', 1)[-1]} has no dtype option: bf16 mode computes it in float32")
@@ -318,6 +407,44 @@ def _reference_run(
         call_kwargs=call_kwargs, out=out, inter=inter, grads=g, cotangent=cot, port=port, settings=settings,
         notes=notes, seed=seed, reference=R.reference_name(prefer_genuine),
     )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_params_fit(module: Any, params: Mapping[str, Any], xs: Mapping[str, np.ndarray],
+                      call_kwargs: Mapping[str, Any], checkpoint: PathLike, config: Mapping[str, Any]) -> None:
+    """Raise a one-line :class:`CaseError` naming the missing, unexpected and mis-shaped parameters when
+    the checkpoint's tree does not fit the reference module built from ``config`` (Flax would only name
+    the first, as a ScopeParamShapeError)."""
+    import jax
+    import jax.numpy as jnp
+
+    from tokenlearner_torch.weights_convert.mapping import flatten_tree
+
+    arrays = [jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for v in xs.values()]
+    try:
+        shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **call_kwargs), *arrays)
+    except Exception:  # noqa: BLE001 - the reference run itself reports a config/input it rejects
+        return
+    want = {k: tuple(v.shape) for k, v in flatten_tree(dict(shapes["params"])).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flatten_tree(dict(params)).items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"]
+    if misshaped:
+        parts.append("mis-shaped: " + ", ".join(f"{k} found {list(have[k])} expected {list(want[k])}"
+                                                for k in misshaped[:4]) + (" ..." if len(misshaped) > 4 else ""))
+    if missing:
+        parts.append("missing: " + ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+    if unexpected:
+        parts.append("unexpected: " + ", ".join(unexpected[:4]) + (" ..." if len(unexpected) > 4 else ""))
+    raise CaseError(f"{checkpoint}: the weights do not fit the {_model_words(config)} of the config: "
+                    + "; ".join(parts))
 
 
 def _dtype_fields(scenic_class: str) -> list[str]:
@@ -340,6 +467,8 @@ def live(
     prefer_genuine: bool = True,
     jit: bool = True,
     fast_compile: bool = False,
+    accuracy: str = "auto",
+    progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Run the Flax reference (genuine Scenic when importable) and the port side by side.
 
@@ -351,31 +480,75 @@ def live(
     CPU, but LLVM then contracts no fused multiply-adds, so Flax's rounding changes where it matters
     (LayerNorm statistics of tiny rows whose mean dwarfs their spread). Off by default: the reference is
     compiled as Flax users run it.
+
+    ``accuracy`` (the accuracy rule, see :mod:`.compare`): ``"auto"`` runs the reference once more in
+    float64 on the same weights, inputs and cotangent when a tensor fails the plain rule, and passes it
+    if the port is elementwise as close to that float64 result as the reference is; ``"always"`` does the
+    float64 run in any case (every row then shows both distances); ``"off"``: the plain rule only. Mode
+    ``f64`` is its own float64 result: the plain rule only. ``progress``: called with a line per phase.
     """
+    if accuracy not in ACCURACY_CHOICES:
+        raise CaseError(f"unknown accuracy {accuracy!r}; expected one of {', '.join(ACCURACY_CHOICES)}")
+    say = progress or (lambda line: None)
     m = get_mode(mode)
     device = _check_device(device)
     r = _reference_run(config_or_case, checkpoint, inputs, input_shapes, m, device, seed, grads,
-                       prefer_genuine, jit, compare_port=True, fast_compile=fast_compile)
+                       prefer_genuine, jit, compare_port=True, fast_compile=fast_compile, progress=say)
     port = r["port"]
     tolerance = m.tolerance(device) if tol is None else tol
     config = r["config"]
-    rows = compare_all(
-        actual_out=port.out,
-        reference_out=r["out"],
-        actual_inter=port.intermediates,
-        reference_inter=r["inter"],
-        inter_order=port.order,
-        actual_grads=port.grads if grads else None,
-        reference_grads=r["grads"] if grads else None,
-        tol=tolerance,
-        scenic_class=config["scenic_class"],
-        constructor_kwargs=config["constructor_kwargs"],
-        grad_tol=m.grad_tolerance(device) if tol is None else tol,
-    )
+
+    def compare(exact: F64Result | None) -> list[Any]:
+        return compare_all(
+            actual_out=port.out,
+            reference_out=r["out"],
+            actual_inter=port.intermediates,
+            reference_inter=r["inter"],
+            inter_order=port.order,
+            actual_grads=port.grads if grads else None,
+            reference_grads=r["grads"] if grads else None,
+            tol=tolerance,
+            scenic_class=config["scenic_class"],
+            constructor_kwargs=config["constructor_kwargs"],
+            grad_tol=m.grad_tolerance(device) if tol is None else tol,
+            exact=exact,
+        )
+
+    say(f"comparing {mode}: output, intermediates{', gradients' if grads else ''}")
+    rows = compare(None)
+    status = "unavailable"
+    if m.array_dtype != "float64" and accuracy != "off":
+        status = "not needed"
+        if accuracy == "always" or any(row.verdict == "FAIL" for row in rows):
+            say(f"running the reference in float64 (accuracy rule: is the port as close to float64 as the "
+                f"reference?)")
+            rows = compare(_f64_reference(r, device, grads, prefer_genuine, jit, fast_compile))
+            status = "applied"
     notes = [f"weights: {r['params_source']}"] + r["notes"]
-    where = r["case_dir"] or (config_or_case if isinstance(config_or_case, (str, os.PathLike)) else None)
+    where = r["case_dir"] or _named(config_or_case)
     return Report(_subject(config, where), m.name, device, f"live: {r['reference']}", tolerance, rows, notes,
-                  r["settings"])
+                  r["settings"], accuracy=status)
+
+
+ACCURACY_CHOICES = ("auto", "always", "off")
+
+
+def _f64_reference(r: Mapping[str, Any], device: str, grads: bool, prefer_genuine: bool, jit: bool,
+                   fast_compile: bool) -> F64Result:
+    """The reference once more, in float64, on the run ``r``'s weights, inputs and cotangent."""
+    from . import reference as R
+
+    f64 = get_mode("f64")
+    config = r["config"]
+    with precision(f64, use_jax=True):
+        module = R.reference_module(config["scenic_class"], config["constructor_kwargs"], f64,
+                                    prefer_genuine=prefer_genuine)
+        out, inter, g, _, _ = R.run_reference(
+            module, r["params"], r["inputs"], r["call_kwargs"], r["cotangent"] if grads else None, f64,
+            device=device, jit=jit, grads=grads, seed=r["seed"], fast_compile=fast_compile,
+            prefer_genuine=prefer_genuine,
+        )
+    return F64Result(out, inter, g)
 
 
 def record(

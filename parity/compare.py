@@ -16,6 +16,21 @@ Every compared tensor gets (all computed in float64):
   ``SHAPE`` (shapes differ), ``MISSING`` (the port did not produce a stored tensor) and ``NONFINITE``
   (NaN/Inf at different places) are failures too.
 
+**The accuracy rule.** Where a float64 result ``exact`` of the same computation is available (``live``
+computes one by running the *reference* in float64 on the same weights, inputs and cotangent; stored cases
+have none and keep the plain rule), a tensor that fails the plain rule (verdict ``FAIL``) still passes
+when the port is, element by element, at least as close to float64 as the reference is::
+
+    max_i ( |port_i - exact_i| - |ref_i - exact_i| )  <=  tol * S
+
+with ``S`` the plain rule's scale (``max(1, max |reference|)``, or ``grad_scale`` for a structurally zero
+gradient), i.e. the same allowance the plain rule grants. Elementwise, not on the two maxima: a large port
+error at one element cannot hide behind a large reference error at another. Such a row has
+``rule = "accuracy"``; rows passing ``scaled <= tol`` have ``rule = "plain"``. With ``exact`` every row also
+gets ``port_vs_f64 = max |port - exact|`` and ``ref_vs_f64 = max |ref - exact|``;
+``reference_less_accurate`` is ``ref_vs_f64 > port_vs_f64``. It is the reference's float64, never the
+port's: a port with a semantic slip agrees with its own float64 run, so judging it by that would pass it.
+
 The "first diverging module" is the first failing intermediate in execution order (the order in which
 the port's forward hooks fired: a submodule finishes before its parent), else the model output.
 """
@@ -32,6 +47,7 @@ import numpy as np
 __all__ = [
     "REL_FLOOR",
     "TensorResult",
+    "F64Result",
     "Report",
     "compare_tensor",
     "compare_all",
@@ -45,6 +61,9 @@ FAIL = "FAIL"
 SHAPE = "SHAPE"
 MISSING = "MISSING"
 NONFINITE = "NONFINITE"
+#: which rule passed a tensor (see the module docstring)
+PLAIN = "plain"
+ACCURACY = "accuracy"
 
 
 @dataclass
@@ -65,10 +84,23 @@ class TensorResult:
     reference_at: float | None = None
     structural_zero: bool = False
     note: str = ""
+    #: "plain" | "accuracy" for a passing row, "" for a failing one
+    rule: str = ""
+    #: with a float64 result: max |port - f64|, max |ref - f64|, max_i(|port_i - f64_i| - |ref_i - f64_i|)
+    port_vs_f64: float | None = None
+    ref_vs_f64: float | None = None
+    excess_vs_f64: float | None = None
+    #: the allowance ``tol * S`` both rules grant
+    allowance: float | None = None
 
     @property
     def passed(self) -> bool:
         return self.verdict == PASS
+
+    @property
+    def reference_less_accurate(self) -> bool:
+        """The reference is further from float64 than the port (False without a float64 result)."""
+        return self.ref_vs_f64 is not None and self.port_vs_f64 is not None and self.ref_vs_f64 > self.port_vs_f64
 
 
 def _short_class(scenic_class: str) -> str:
@@ -120,11 +152,13 @@ def compare_tensor(
     *,
     abs_scale: float | None = None,
     structural_zero: bool = False,
+    exact: Any = None,
 ) -> TensorResult:
     """Compare one tensor. ``abs_scale`` (with ``structural_zero``): pass when ``max_abs <= tol * abs_scale``.
 
     ``actual`` may have a different shape with the same number of elements (torch keeps attention heads
-    flat); it is then read in C order in the reference's shape.
+    flat); it is then read in C order in the reference's shape. ``exact``: the float64 result of the same
+    computation (the reference's shape); enables the accuracy rule (module docstring).
     """
     ref = _f64(reference)
     res = TensorResult(name, kind, module, list(ref.shape), PASS, tol, structural_zero=structural_zero)
@@ -140,6 +174,7 @@ def compare_tensor(
             return res
         act = act.reshape(ref.shape)
     if ref.size == 0:
+        res.rule = PLAIN
         return res
     fin_a, fin_r = np.isfinite(act), np.isfinite(ref)
     if not (fin_a.all() and fin_r.all()):
@@ -168,11 +203,41 @@ def compare_tensor(
     res.actual_at, res.reference_at = float(act[idx]), float(ref[idx])
     if structural_zero and abs_scale is not None:
         res.note = f"structurally zero: |diff| <= tol * grad scale {abs_scale:.3g}"
-        ok = res.max_abs <= tol * abs_scale
+        res.allowance = tol * abs_scale
+        ok = res.max_abs <= res.allowance
     else:
+        res.allowance = tol * scale
         ok = res.scaled <= tol
-    res.verdict = PASS if ok else FAIL
+    if exact is not None:
+        _against_f64(res, act, ref, exact)
+    if ok:
+        res.verdict, res.rule = PASS, PLAIN
+    elif res.excess_vs_f64 is not None and res.excess_vs_f64 <= res.allowance:
+        res.verdict, res.rule = PASS, ACCURACY
+    else:
+        res.verdict = FAIL
     return res
+
+
+def _against_f64(res: TensorResult, act: np.ndarray, ref: np.ndarray, exact: Any) -> None:
+    """Fill the float64 distances of ``res`` (left None when ``exact`` does not fit or is not finite)."""
+    ex = _f64(exact)
+    if ex.size != ref.size or not np.isfinite(ex).all():
+        return
+    ex = ex.reshape(ref.shape)
+    d_port, d_ref = np.abs(act - ex), np.abs(ref - ex)
+    res.port_vs_f64 = float(d_port.max())
+    res.ref_vs_f64 = float(d_ref.max())
+    res.excess_vs_f64 = float((d_port - d_ref).max())
+
+
+@dataclass
+class F64Result:
+    """A float64 run of the reference on the same weights, inputs and cotangent (keys as the reference's)."""
+
+    out: Any
+    intermediates: Mapping[str, Any]
+    grads: Mapping[str, Any]
 
 
 def compare_all(
@@ -188,16 +253,21 @@ def compare_all(
     scenic_class: str,
     constructor_kwargs: Mapping[str, Any],
     grad_tol: float | None = None,
+    exact: F64Result | None = None,
 ) -> list[TensorResult]:
-    """Compare the output, every reference intermediate (in execution order) and every reference gradient."""
-    rows = [compare_tensor("out", "output", "(model output)", actual_out, reference_out, tol)]
+    """Compare the output, every reference intermediate (in execution order) and every reference gradient.
+
+    ``exact``: the float64 result of the same computation, for the accuracy rule (module docstring)."""
+    ex = exact or F64Result(None, {}, {})
+    rows = [compare_tensor("out", "output", "(model output)", actual_out, reference_out, tol, exact=ex.out)]
 
     order = {k: i for i, k in enumerate(inter_order)}
     keys = sorted(reference_inter, key=lambda k: (order.get(_base_key(k), len(order)), k))
     for key in keys:
         rows.append(
             compare_tensor(
-                f"inter/{key}", "intermediate", key, actual_inter.get(_base_key(key)), reference_inter[key], tol
+                f"inter/{key}", "intermediate", key, actual_inter.get(_base_key(key)), reference_inter[key], tol,
+                exact=ex.intermediates.get(key),
             )
         )
 
@@ -218,6 +288,7 @@ def compare_all(
                     gtol,
                     abs_scale=gscale,
                     structural_zero=sz,
+                    exact=ex.grads.get(key),
                 )
             )
         for key in sorted(set(actual_grads) - set(reference_grads)):
@@ -244,6 +315,10 @@ class Report:
     rows: list[TensorResult]
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: the accuracy rule: "applied" (a float64 reference result was computed and every row carries its
+    #: distances), "not needed" (every tensor passed the plain rule; no float64 run), "unavailable" (a
+    #: stored case, mode f64, or turned off: the plain rule alone)
+    accuracy: str = "unavailable"
 
     @property
     def passed(self) -> bool:
@@ -252,6 +327,16 @@ class Report:
     @property
     def failures(self) -> list[TensorResult]:
         return [r for r in self.rows if not r.passed]
+
+    @property
+    def passed_by_accuracy(self) -> list[TensorResult]:
+        """Tensors that failed the plain rule and passed the accuracy rule."""
+        return [r for r in self.rows if r.passed and r.rule == ACCURACY]
+
+    @property
+    def reference_less_accurate(self) -> list[TensorResult]:
+        """Tensors where the reference is further from float64 than the port (needs the float64 run)."""
+        return [r for r in self.rows if r.reference_less_accurate]
 
     @property
     def first_divergence(self) -> TensorResult | None:
@@ -281,8 +366,15 @@ class Report:
     def summary(self) -> str:
         n = len(self.rows)
         if self.passed:
+            by_acc = self.passed_by_accuracy
+            how = (
+                f"{n} tensors: {n - len(by_acc)} within tol {self.tol:g} (plain rule), {len(by_acc)} as close to "
+                f"float64 as the reference (accuracy rule: {_names(by_acc, 3)})"
+                if by_acc
+                else f"{n} tensors within tol {self.tol:g}"
+            )
             return (
-                f"PASS: {n} tensors within tol {self.tol:g} (mode {self.mode}, {self.device}); "
+                f"PASS: {how} (mode {self.mode}, {self.device}); "
                 f"max scaled error: output {self.max_error('output'):.3g}, "
                 f"intermediates {self.max_error('intermediate'):.3g}, gradients {self.max_error('gradient'):.3g}"
             )
@@ -294,34 +386,55 @@ class Report:
             f"{_describe(first)})"
         )
 
+    def accuracy_line(self) -> str:
+        """How the verdict was reached, in one line."""
+        plain = "plain rule: scaled error <= tol"
+        if self.accuracy == "applied":
+            return (f"verdict: {plain}; else accuracy rule: |port - f64| <= |ref - f64| + tol * scale "
+                    "elementwise (f64: the reference run in float64 on the same weights and inputs)")
+        if self.accuracy == "not needed":
+            return f"verdict: {plain} (every tensor passed it; no float64 reference run needed)"
+        return f"verdict: {plain} (no float64 result here, so no accuracy rule)"
+
     def to_text(self, *, verbose: bool = False, max_rows: int = 40) -> str:
         """A readable table. Without ``verbose`` passing rows are elided after ``max_rows``, failures never."""
         lines = [
             f"tokenlearner-parity report: {self.subject}",
             f"reference: {self.reference}",
             f"mode: {self.mode}  device: {self.device}  tolerance: scaled error <= {self.tol:g}",
+            self.accuracy_line(),
         ]
         if self.settings:
             lines.append("precision: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
         lines += [f"note: {n}" for n in self.notes]
-        header = f"{'verdict':<9} {'max_abs':>9} {'max_rel':>9} {'scaled':>9}  {'where':<16} tensor"
+        f64 = self.accuracy == "applied"
+        header = f"{'verdict':<9} {'rule':<8} {'max_abs':>9} {'max_rel':>9} {'scaled':>9}"
+        if f64:
+            header += f" {'port-f64':>9} {'ref-f64':>9}"
+        header += f"  {'where':<16} tensor"
         lines += ["", header, "-" * len(header)]
         shown = 0
         elided = 0
         for r in self.rows:
-            if not verbose and r.passed and shown >= max_rows:
+            if not verbose and r.passed and r.rule != ACCURACY and shown >= max_rows:
                 elided += 1
                 continue
             shown += 1
             where = "" if r.where is None else "[" + ",".join(map(str, r.where)) + "]"
             tag = " (structural zero)" if r.structural_zero else ""
+            if r.reference_less_accurate and (r.rule == ACCURACY or not r.passed):
+                tag += " (reference less accurate)"
             extra = f"  -- {r.note}" if r.note and not r.passed else ""
-            lines.append(
-                f"{r.verdict:<9} {_num(r.max_abs):>9} {_num(r.max_rel):>9} {_num(r.scaled):>9}  {where:<16} "
-                f"{r.name}{tag}{extra}"
-            )
+            line = f"{r.verdict:<9} {r.rule or '-':<8} {_num(r.max_abs):>9} {_num(r.max_rel):>9} {_num(r.scaled):>9}"
+            if f64:
+                line += f" {_num(r.port_vs_f64):>9} {_num(r.ref_vs_f64):>9}"
+            lines.append(f"{line}  {where:<16} {r.name}{tag}{extra}")
         if elided:
             lines.append(f"... {elided} more passing tensors (use --verbose to list them)")
+        worse = self.reference_less_accurate
+        if worse:
+            lines += ["", f"reference less accurate than the port (max|ref - f64| > max|port - f64|) on "
+                          f"{len(worse)} of {len(self.rows)} tensors: {_names(worse, 8)}"]
         lines += ["", self.summary()]
         return "\n".join(lines)
 
@@ -334,6 +447,7 @@ class Report:
             "device": self.device,
             "reference": self.reference,
             "tolerance": self.tol,
+            "accuracy_rule": self.accuracy,
             "settings": self.settings,
             "notes": self.notes,
             "summary": self.summary(),
@@ -342,7 +456,14 @@ class Report:
             "max_scaled_error": {
                 k: self.max_error(k) for k in ("output", "intermediate", "gradient")
             },
-            "counts": {"tensors": len(self.rows), "failed": len(self.failures)},
+            "counts": {
+                "tensors": len(self.rows),
+                "failed": len(self.failures),
+                "passed_plain": sum(r.passed and r.rule == PLAIN for r in self.rows),
+                "passed_accuracy": len(self.passed_by_accuracy),
+            },
+            "passed_by_accuracy_rule": [r.name for r in self.passed_by_accuracy],
+            "reference_less_accurate": [r.name for r in self.reference_less_accurate],
             "tensors": [_row_dict(r) for r in self.rows],
         }
 
@@ -357,16 +478,23 @@ class Report:
         return self.to_text()
 
 
+def _names(rows: Sequence[TensorResult], limit: int = 5) -> str:
+    names = [r.name for r in rows[:limit]]
+    return ", ".join(names) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+
+
 def _row_dict(r: TensorResult) -> dict[str, Any]:
     d = asdict(r)
-    for k in ("max_abs", "max_rel", "scaled", "actual_at", "reference_at"):
+    d["reference_less_accurate"] = r.reference_less_accurate
+    for k in ("max_abs", "max_rel", "scaled", "actual_at", "reference_at", "port_vs_f64", "ref_vs_f64",
+              "excess_vs_f64", "allowance"):
         v = d[k]
         if isinstance(v, float) and not math.isfinite(v):
             d[k] = str(v)
     return d
 
 
-def _num(v: float) -> str:
+def _num(v: float | None) -> str:
     if v is None:
         return "-"
     if not math.isfinite(v):
@@ -378,12 +506,18 @@ def _describe(r: TensorResult) -> str:
     if r.verdict in (MISSING, SHAPE):
         return r.note
     where = "" if r.where is None else "[" + ",".join(map(str, r.where)) + "]"
-    return (
+    if r.actual_at is None:
+        return r.note
+    text = (
         f"max abs {_num(r.max_abs)} at {where} (port {r.actual_at:.6g} vs reference {r.reference_at:.6g}), "
         f"scaled {_num(r.scaled)} > tol {r.tol:g}"
-        if r.actual_at is not None
-        else r.note
     )
+    if r.excess_vs_f64 is not None:
+        text += (
+            f"; vs float64: port {_num(r.port_vs_f64)}, reference {_num(r.ref_vs_f64)}, port exceeds the "
+            f"reference's error by {_num(r.excess_vs_f64)} > allowance {_num(r.allowance)}"
+        )
+    return text
 
 
 def iter_failures(reports: Iterable[Report]) -> Iterable[TensorResult]:

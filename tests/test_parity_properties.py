@@ -1,19 +1,25 @@
 """Property-based parity: random configurations of every class and option, Flax reference vs port in
-`live` mode on CPU. Every example runs f64 (structural, <= 1e-10) and one of f32 / tf32 / bf16.
+`live` mode on CPU. Every example runs f64 (structural, <= 1e-10) and one of f32 / tf32 / bf16, judged by
+the harness's verdict (plain rule, else the accuracy rule against a float64 reference run).
 
-Budget: PARITY_EXAMPLES (default 4) examples per class, 7 classes; derandomized so CI is reproducible.
+Reproducible across machines and months: hypothesis is pinned in the `test` extra and derandomized, and
+EXPLICIT holds a committed example set per class that runs whatever hypothesis draws (including examples
+that once failed). A failing example's message starts with the `tokenlearner-parity live` command line
+that replays it. Budget: PARITY_EXAMPLES (default 4) drawn examples per class, 7 classes, plus EXPLICIT.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 
 import pytest
 
 pytest.importorskip("jax")
 pytest.importorskip("flax")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tokenlearner_torch.parity import api  # noqa: E402
@@ -155,19 +161,116 @@ STRATEGIES = {
 }
 
 
+def _cfg(cls, kwargs, *inputs):
+    return {"scenic_class": cls, "constructor_kwargs": kwargs,
+            "inputs": [{"name": n, "shape": list(shape)} for n, shape in inputs]}
+
+
+_PATCH = {"type": "dynamic", "num_tokens": 2, "tokenlearner_loc": 1, "use_tokenfuse": True}
+# (config, other_mode, seed): run before the drawn examples, whatever the hypothesis version draws.
+EXPLICIT = {
+    "TokenLearnerModule": [
+        (_cfg("TokenLearnerModule", {"num_tokens": 3, "use_sum_pooling": True}, ("inputs", [2, 3, 4, 8])), "bf16", 7),
+    ],
+    "TokenLearnerModuleV11": [
+        # Failed the plain rule with hypothesis 6.155.2 (derandomized): LayerNorm over 2 channels of a row whose
+        # two values are 1.4512 and 1.4576 is ill-conditioned; Flax's E[x^2] - E[x]^2 is 2.8e-2 off float64 in
+        # the input gradient there, the port 7e-5. The accuracy rule passes it.
+        (_cfg("TokenLearnerModuleV11", {"num_tokens": 1, "bottleneck_dim": 3, "dropout_rate": 0.1},
+              ("inputs", [2, 4, 2])), "f32", 4046),
+        (_cfg("TokenLearnerModuleV11", {"num_tokens": 4, "bottleneck_dim": 8, "dropout_rate": 0.0},
+              ("inputs", [1, 3, 2, 8])), "bf16", 12),
+    ],
+    "TokenFuser": [
+        (_cfg("TokenFuser", {"use_normalization": True, "bottleneck_dim": 3, "dropout_rate": 0.1},
+              ("inputs", [2, 3, 4]), ("original", [2, 3, 2, 4])), "tf32", 11),
+        (_cfg("TokenFuser", {"use_normalization": False, "bottleneck_dim": 5, "dropout_rate": 0.0},
+              ("inputs", [1, 2, 8]), ("original", [1, 7, 8])), "f32", 2),
+    ],
+    "EncoderMod": [
+        (_cfg("EncoderMod", {"num_layers": 2, "mlp_dim": 8, "num_heads": 2, "num_tokens": 2, "tokenlearner_loc": 1,
+                             "use_v11": False, "dropout_rate": 0.1, "attention_dropout_rate": 0.0,
+                             "tokenizer_type": "video", "temporal_dimensions": 2},
+              ("inputs", [1, 8, 8])), "f32", 3),
+    ],
+    "EncoderModFuser": [
+        (_cfg("EncoderModFuser", {"num_layers": 3, "mlp_dim": 6, "num_heads": 1, "num_tokens": 3, "tokenlearner_loc": 1,
+                                  "use_v11": True, "dropout_rate": 0.0, "attention_dropout_rate": 0.1,
+                                  "tokenizer_type": "dynamic", "temporal_dimensions": 1},
+              ("inputs", [2, 5, 8])), "bf16", 5),
+    ],
+    "TokenLearnerViT": [
+        (_cfg("TokenLearnerViT", {
+            "mlp_dim": 8, "num_layers": 2, "num_heads": 2, "hidden_size": 8, "num_classes": 3,
+            "representation_size": 4, "classifier": "gsp", "dropout_rate": 0.0, "attention_dropout_rate": 0.0,
+            "tokenizer": {**_PATCH, "type": "video", "use_v11": True, "patches": {"size": [2, 2, 2]},
+                          "temporal_encoding_config": {"method": "3d_conv",
+                                                       "kernel_init_method": "central_frame_initializer"}}},
+              ("x", [1, 4, 4, 6, 3])), "f32", 9),
+    ],
+    "TokenLearnerViTRepresentation": [
+        (_cfg("TokenLearnerViTRepresentation", {
+            "mlp_dim": 8, "num_layers": 1, "num_heads": 1, "hidden_size": 4, "target_channel_dim": 4,
+            "use_concat_final": True, "dropout_rate": 0.0, "attention_dropout_rate": 0.0,
+            "tokenizer": {**_PATCH, "type": "video", "use_v11": False, "patches": {"size": [2, 2]}}},
+              ("x", [2, 2, 4, 4, 3])), "bf16", 1),
+    ],
+}
+
+
+def replay_command(config, mode, seed) -> str:
+    """The command line that reruns one example outside pytest."""
+    text = json.dumps(config, separators=(",", ":"))
+    return f"tokenlearner-parity live {shlex.quote(text)} --mode {mode} --seed {seed}"
+
+
 def _check(config, other_mode, seed):
-    report = api.live(config, mode="f64", seed=seed)
-    assert report.passed, report.to_text()
-    assert report.max_error(structural=True) <= 1e-10
-    report = api.live(config, mode=other_mode, seed=seed)
-    assert report.passed, report.to_text()
+    for mode in ("f64", other_mode):
+        report = api.live(config, mode=mode, seed=seed)
+        ok = report.passed and (mode != "f64" or report.max_error(structural=True) <= 1e-10)
+        if not ok:
+            raise AssertionError(f"replay: {replay_command(config, mode, seed)}\n{report.to_text()}")
 
 
 @pytest.mark.parametrize("cls", list(STRATEGIES))
 def test_live_parity_random_configs(cls):
-    @SETTINGS
-    @given(config=STRATEGIES[cls], other_mode=st.sampled_from(["f32", "tf32", "bf16"]), seed=ints(0, 2**16))
     def run(config, other_mode, seed):
         _check(config, other_mode, seed)
 
-    run()
+    for config, mode, seed in EXPLICIT[cls]:
+        run = example(config=config, other_mode=mode, seed=seed)(run)
+    SETTINGS(given(config=STRATEGIES[cls], other_mode=st.sampled_from(["f32", "tf32", "bf16"]),
+                   seed=ints(0, 2**16))(run))()
+
+
+def test_explicit_examples_are_valid_draws():
+    """Every committed example lies in its strategy's space (class, and a live config the CLI accepts)."""
+    for cls, examples in EXPLICIT.items():
+        assert examples, cls
+        for config, mode, seed in examples:
+            assert config["scenic_class"] == cls and mode in ("f32", "tf32", "bf16") and 0 <= seed <= 2**16
+            assert api.resolve_config(json.dumps(config))[0] == config  # the replay command's inline JSON
+
+
+def test_a_failing_example_prints_its_replay_command(monkeypatch):
+    """The message of a failing example starts with a command line that reruns it."""
+    from tokenlearner_torch.parity import cli
+
+    config, _, seed = EXPLICIT["TokenLearnerModule"][0]
+    monkeypatch.setattr(api, "live", lambda cfg, mode, seed: _failing(mode))
+    with pytest.raises(AssertionError) as info:
+        _check(config, "bf16", seed)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("replay: tokenlearner-parity live '{")
+    argv = shlex.split(first[len("replay: tokenlearner-parity "):])
+    assert argv[-4:] == ["--mode", "f64", "--seed", str(seed)]
+    # the command parses, and its inline config is the example's
+    args = cli._parser().parse_args(argv)
+    assert api.resolve_config(args.config)[0] == config and args.seed == seed
+
+
+def _failing(mode):
+    from tokenlearner_torch.parity.compare import Report, TensorResult
+
+    row = TensorResult("out", "output", "(model output)", [1], "FAIL", 1e-10, max_abs=1.0, scaled=1.0)
+    return Report("x", mode, "cpu", "test", 1e-10, [row])
