@@ -159,6 +159,7 @@ def _write_plot(reports: list[Any], args: argparse.Namespace) -> None:
 def _cmd_check(args: argparse.Namespace) -> int:
     from .api import check_case
     from .cases import find_cases
+    from .train import check_training_case, is_training_case
 
     _plot_path(args)
     reports, errors = [], []
@@ -171,6 +172,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
             continue
         for case in found:
             try:
+                if is_training_case(case):  # a training case (tests/fixtures/train_goldens format): parity/train.py
+                    reports.append(check_training_case(case, tol=args.tol, device=args.device))
+                    continue
                 reports.append(check_case(case, mode=args.mode, device=args.device, tol=args.tol,
                                           grads=not args.no_grads, weights=args.weights))
             except _input_errors() as exc:

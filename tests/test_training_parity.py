@@ -65,3 +65,8 @@ def test_train_live_config_against_flax_reference(tmp_path, capsys):
     assert len(report["steps"]) == 2 and report["steps"][1]["ref_learning_rate"] > 0
     assert any("key/bias" in p for p in report["noise_sensitive"])
     assert max(e for p, e in report["param_errors"].items() if p not in report["noise_sensitive"]) < 1e-5
+
+
+def test_check_accepts_a_training_case(capsys):
+    assert main(["check", str(CASE), "-q"]) == 0
+    assert "PASS: 3 steps vs genuine Scenic" in capsys.readouterr().out
