@@ -284,6 +284,8 @@ def run(args: argparse.Namespace, say) -> Path:
         raise UsageError(f"-o {out}: the output is a PNG file (name it *.png)")
     if not out.parent.is_dir():
         raise UsageError(f"-o {out}: the folder {out.parent} does not exist")
+    if args.examples < 1:
+        raise UsageError(f"--examples {args.examples}: must be >= 1")
     paths = [Path(p) for p in args.inputs]
     for p in paths:
         if not p.is_file():
@@ -324,8 +326,6 @@ def run(args: argparse.Namespace, say) -> Path:
         display = _minmax(x) if x.ndim == 5 else _minmax(x)[:, None]
         say("display: each example min-max scaled to [0, 1] (its values, not pixels)")
 
-    if args.examples < 1:
-        raise UsageError(f"--examples {args.examples}: must be >= 1")
     if x.shape[0] > args.examples:
         say(f"drawing examples 0-{args.examples - 1} of {x.shape[0]} (--examples to change)")
         x, display = x[: args.examples], display[: args.examples]
@@ -342,6 +342,8 @@ def run(args: argparse.Namespace, say) -> Path:
         arr = m.numpy()
         if "T" not in layout:
             arr = arr[:, None]
+        if layout.endswith("N"):
+            raise RuntimeError(f"{path}: the patch grid of its maps is unknown ({layout})")
         if arr.shape[1] != backgrounds.shape[1]:
             raise RuntimeError(f"{path}: {arr.shape[1]} token frames but {backgrounds.shape[1]} frame groups")
         drawn[path] = arr
