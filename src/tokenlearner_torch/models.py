@@ -16,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import initializers as init
 from .errors import ConfigError, ShapeError
-from .layers import AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, Identity, LayerNorm, _check_rank
+from .layers import (
+    AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, HeadsProjection, Identity, LayerNorm, _check_rank,
+)  # fmt: skip
 from .shapes import build_parameters
 from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
@@ -145,7 +147,8 @@ class _Encoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters Scenic's optimizer leaves undecayed (``skip_scale_and_bias_regularization``:
-        every 1-D parameter, i.e. biases and LayerNorm scales)."""
+        those of Flax rank 1: biases and LayerNorm scales, but not the attention q/k/v biases, which are
+        [heads, head_dim] in Flax)."""
         return _no_weight_decay(self)
 
     @property
@@ -440,7 +443,8 @@ class TokenLearnerViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters Scenic's optimizer leaves undecayed (``skip_scale_and_bias_regularization``:
-        every 1-D parameter, i.e. biases and LayerNorm scales)."""
+        those of Flax rank 1: biases and LayerNorm scales, but not the attention q/k/v biases, which are
+        [heads, head_dim] in Flax)."""
         return _no_weight_decay(self)
 
 
@@ -526,11 +530,18 @@ class TokenLearnerViTRepresentation(nn.Module):
         self.Transformer.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
-        """Names of the parameters Scenic's optimizer leaves undecayed (every 1-D parameter)."""
+        """Names of the parameters Scenic's optimizer leaves undecayed (those of Flax rank 1; see
+        ``TokenLearnerViT.no_weight_decay``)."""
         return _no_weight_decay(self)
 
 
 def _no_weight_decay(module: nn.Module) -> set[str]:
-    # Scenic's optimizer with skip_scale_and_bias_regularization masks out `ndim == 1` leaves (biases and
-    # LayerNorm scales); a still-lazy parameter raises ShapeError here rather than guess.
-    return {name for name, p in module.named_parameters() if p.ndim == 1}
+    # Scenic's optimizer with skip_scale_and_bias_regularization masks out leaves whose *Flax* rank is 1
+    # (biases and LayerNorm scales). Scenic quirk: attention query/key/value biases are [heads, head_dim] in
+    # Flax, so Scenic decays them although torch stores them flat. A still-lazy parameter raises ShapeError.
+    names = set()
+    for prefix, m in module.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if p.ndim == 1 and not (isinstance(m, HeadsProjection) and pname == "bias"):
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return names
