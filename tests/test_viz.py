@@ -438,3 +438,20 @@ def test_viz_representation_video_npy(tmp_path, capsys):
     assert rc == 0, err
     assert "maps [1, 3, 3, 2, 3] (BTSHW)" in stdout and stdout.count("BTSHW") == 2  # TokenLearner, TokenFuser
     _assert_png(out)
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    from tokenlearner_torch.viz.render import require_matplotlib, save_figure_atomically
+
+    plt = require_matplotlib()
+    fig = plt.figure()
+
+    def broken(fh, **kw):
+        fh.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    fig.savefig = broken
+    with pytest.raises(OSError, match="disk full"):
+        save_figure_atomically(fig, tmp_path / "out.png", 50)
+    plt.close(fig)
+    assert list(tmp_path.iterdir()) == []
