@@ -97,7 +97,8 @@ def render_token_maps(
                         ax.set_title(f"token {si}, t{ti}", fontsize=6)
                     elif r == 1:
                         ax.set_title(f"token {si}", fontsize=7)
-            axes[r0 + r, 0].set_ylabel(labels.get(path, path), fontsize=6, rotation=0, ha="right", va="center")
+            text = f"{labels.get(path, path)}\ncolours {lo:.2g} (dark) .. {hi:.2g} (light)"
+            axes[r0 + r, 0].set_ylabel(text, fontsize=6, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
