@@ -150,7 +150,8 @@ class ScenicClassificationLoss(nn.Module):
     @torch.no_grad()
     def metrics(self, logits: Tensor, label: Tensor, batch_mask: Optional[Tensor] = None) -> dict[str, tuple[float, float]]:
         """Scenic's train metrics ``{name: (sum, normalizer)}``: ``loss`` (unnormalised CE, no smoothing, no l2)
-        and ``accuracy`` (softmax) or ``prec@1`` (sigmoid: the top-1 class is among the targets)."""
+        and ``accuracy`` + ``accuracy_top_5`` (softmax, 5 classes or more) or ``prec@1`` (sigmoid: the top-1
+        class is among the targets)."""
         targets = self.targets(label)
         n = float(batch_mask.sum()) if batch_mask is not None else float(targets.shape[0])
         if self.kind == "softmax":
@@ -162,6 +163,11 @@ class ScenicClassificationLoss(nn.Module):
             top = logits.argmax(-1, keepdim=True)
             correct = torch.gather(targets, -1, top).squeeze(-1)
             name = "prec@1"
-        if batch_mask is not None:
-            correct = correct * batch_mask.to(torch.float32)
-        return {"loss": (float(ce.sum()), n), name: (float(correct.sum()), n)}
+        w = batch_mask.to(torch.float32) if batch_mask is not None else torch.ones_like(correct)
+        out = {"loss": (float(ce.sum()), n), name: (float((correct * w).sum()), n)}
+        if self.kind == "softmax" and self.num_classes >= 5:
+            # TokenLearnerClassificationModel uses ViViT's metrics (top-5 too); with fewer than 5 classes
+            # Scenic's metric raises ValueError: the port leaves it out.
+            top5 = (logits.topk(5, dim=-1).indices == targets.argmax(-1, keepdim=True)).any(-1).to(torch.float32)
+            out["accuracy_top_5"] = (float((top5 * w).sum()), n)
+        return out
