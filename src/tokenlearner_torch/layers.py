@@ -201,6 +201,7 @@ class Dense(_LazyShapes):
         bias_init: Callable[[Tensor], None] = init.zeros_,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """See the class docstring; a size left None is taken from the first input (or a state dict)."""
         super().__init__()
         self.out_features = features
         self.in_features = in_features
@@ -265,6 +266,8 @@ class Conv(_LazyShapes):
         kernel_init: Callable[[Tensor, int, int], None] = init.lecun_normal_,
         bias_init: Callable[[Tensor], None] = init.zeros_,
     ) -> None:
+        """``features`` output channels; ``kernel_size`` 2 or 3 entries (torch order: [T,] H, W);
+        ``in_channels`` None = from the first input; ``strides`` default 1; ``padding`` 'SAME' or 'VALID'."""
         super().__init__()
         self.out_channels = features
         self.in_channels = in_channels
@@ -387,6 +390,10 @@ def _flax_formula(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor
 class Identity(nn.Module):
     """Scenic's ``IdentityLayer``: names an array (``mlp1``, ``mlp2``, ``pre_logits``) for intermediates."""
 
+    def __init__(self) -> None:
+        """No parameters."""
+        super().__init__()
+
     def forward(self, x: Tensor) -> Tensor:
         """Any shape -> the same tensor."""
         return x
@@ -395,11 +402,20 @@ class Identity(nn.Module):
 class Dropout(nn.Dropout):
     """Flax ``nn.Dropout``: active in ``train()`` mode only (Scenic's ``deterministic=False``)."""
 
+    def __init__(self, rate: float = 0.5) -> None:
+        """``rate``: the probability of dropping an element (Flax's ``rate``)."""
+        super().__init__(rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Any shape -> the same shape; in training, elements zeroed with probability ``rate``, others scaled."""
+        return super().forward(x)
+
 
 class StochasticDepth(nn.Module):
     """Scenic's StochasticDepth: drops the whole example's branch with probability ``rate`` in training."""
 
     def __init__(self, rate: float = 0.0) -> None:
+        """``rate``: the probability of dropping an example's whole branch in training."""
         super().__init__()
         self.rate = rate
 
@@ -435,6 +451,8 @@ class MlpBlock(nn.Module):
         in_dim: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """Scenic's fields (``mlp_dim`` hidden width; ``out_dim`` None = the input width), then the port's:
+        ``in_dim`` the input width (None: from the first input), ``dtype`` the compute dtype."""
         super().__init__()
         self.out_dim = out_dim
         self.Dense_0 = Dense(
@@ -472,6 +490,7 @@ class _HeadsDense(Dense):
     """
 
     def __init__(self, features: Optional[int], in_features: Optional[int], num_heads: int, dtype=None):
+        """``features``/``in_features`` as :class:`Dense` (flat over heads); ``num_heads`` for the converter."""
         super().__init__(features, in_features, kernel_init=init.xavier_uniform_, bias_init=init.zeros_, dtype=dtype)
         self.num_heads = num_heads
 
@@ -500,6 +519,8 @@ class MultiHeadDotProductAttention(nn.Module):
         dropout_rate: float = 0.0,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
+        """``num_heads`` (must divide C); ``dim`` C (None: from the first input); ``dropout_rate`` on the
+        attention weights in training; ``dtype`` the compute dtype."""
         super().__init__()
         self.num_heads = num_heads
         self.dropout_rate = dropout_rate
@@ -552,6 +573,7 @@ class Encoder1DBlock(nn.Module):
         *,
         dim: Optional[int] = None,
     ) -> None:
+        """Scenic's fields, then the port's ``dim``: the channels C (None: from the first input)."""
         super().__init__()
         dt = resolve_dtype(dtype)
         self.LayerNorm_0 = LayerNorm(dim, dtype=dt)
@@ -576,6 +598,7 @@ class AddPositionEmbs(_LazyShapes):
     """Scenic ``vit.AddPositionEmbs``: adds a learned ``pos_embedding`` [1, N, C], init N(0, 0.02)."""
 
     def __init__(self, num_positions: Optional[int] = None, dim: Optional[int] = None) -> None:
+        """``num_positions`` N and ``dim`` C of the embedding (None: from the first input)."""
         super().__init__()
         known = num_positions is not None and dim is not None
         self._param("pos_embedding", (1, num_positions, dim) if known else None)
