@@ -238,3 +238,32 @@ def test_trainer_errors():
         trainer.train_step({"inputs": np.zeros((2, 16, 16, 3), np.float32)})
     with pytest.raises(ShapeError, match="batch size"):
         trainer.train_step({"inputs": np.zeros((2, 16, 16, 3), np.float32), "label": np.array([1, 2, 3])})
+
+
+@pytest.mark.parametrize("kim", ["average_frame_initializer", "central_frame_initializer"])
+def test_trainer_image_to_video_surgery_then_training(kim):
+    source = ScenicTrainer(SMALL, META)  # image model, 16x16 -> 4x4 grid
+    video_tok = {"type": "video", "patches": {"size": [4, 4, 2]}, "num_tokens": 4, "tokenlearner_loc": 1,
+                 "use_tokenfuse": True, "temporal_encoding_config": {"method": "3d_conv", "kernel_init_method": kim}}
+    target_cfg = {**SMALL, "model": {**SMALL["model"], "tokenizer": video_tok}, "dataset_configs": {"num_frames": 4},
+                  "init_from": {"positional_embed_size_change": "resize_tile"}, "optimizer": "adam",
+                  "optimizer_configs": {"weight_decay": 0.1}, "skip_scale_and_bias_regularization": True}
+    target = ScenicTrainer(target_cfg, {"num_classes": 3, "input_shape": [-1, 4, 24, 24, 3]})
+    src = source.params()
+    target.init_from_train_state(src, SMALL)
+    got = target.params()
+    kernel = src["embedding"]["kernel"]
+    if kim == "average_frame_initializer":
+        assert all(np.array_equal(got["embedding"]["kernel"][t], kernel / 2) for t in range(2))
+    else:
+        assert np.array_equal(got["embedding"]["kernel"][1], kernel) and not got["embedding"]["kernel"][0].any()
+    pe = got["Transformer"]["posembed_input"]["pos_embedding"]
+    assert pe.shape == (1, 72, 16)  # 2 frames x 6x6 patches: resized per frame, then tiled
+    want = zoom_linear(src["Transformer"]["posembed_input"]["pos_embedding"][0].reshape(4, 4, 16), (6, 6, 16))
+    np.testing.assert_allclose(pe[0, 36:].reshape(6, 6, 16), want, atol=1e-7)
+    assert target.config["model"]["patches"] == video_tok["patches"]  # Scenic's config mutation, kept
+    assert np.array_equal(got["output_projection"]["bias"], np.full(3, -10.0, np.float32))  # head reset
+    x = RNG.normal(size=(2, 4, 24, 24, 3)).astype(np.float32)
+    for _ in range(2):
+        logs = target.train_step({"inputs": x, "label": np.array([0, 2]), "batch_mask": np.array([1.0, 0.0])})
+        assert np.isfinite(logs["loss"]) and logs["metrics"]["loss"][1] == 1.0
