@@ -183,15 +183,23 @@ def _jax_precision(mode: Mode) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def precision(mode: Mode | str, *, use_jax: bool = False) -> Iterator[dict[str, Any]]:
+def precision(mode: Mode | str, *, use_jax: bool = False, layer_norm: str | None = None) -> Iterator[dict[str, Any]]:
     """Pin both frameworks' precision for ``mode``; restore the previous settings on exit.
 
-    Yields the settings in force (for the report). ``use_jax=False`` leaves jax unimported.
+    Yields the settings in force (for the report). ``use_jax=False`` leaves jax unimported. ``layer_norm``:
+    the port's LayerNorm numerics (``"fused"`` or ``"xla_cpu"``, see ``tokenlearner_torch.numerics``); None
+    keeps the one in force, so ``with tokenlearner_torch.numerics("xla_cpu"): parity.live(...)`` selects it
+    too. The report records which one ran.
     """
+    from tokenlearner_torch.numerics_mode import get_layer_norm_numerics, numerics
+
     mode = get_mode(mode) if isinstance(mode, str) else mode
     with contextlib.ExitStack() as stack:
         stack.enter_context(_torch_precision(mode.torch_tf32))
+        if layer_norm is not None:
+            stack.enter_context(numerics(layer_norm))
         settings = torch_settings()
+        settings["tokenlearner.layer_norm_numerics"] = get_layer_norm_numerics()
         if use_jax:
             stack.enter_context(_jax_precision(mode))
             import jax

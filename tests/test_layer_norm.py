@@ -129,3 +129,18 @@ def test_low_precision_model_keeps_its_dtype(mode, dtype):
     assert y.dtype == dtype
     ref = torch.nn.functional.layer_norm(x.double(), (16,), eps=1e-6).to(dtype)
     torch.testing.assert_close(y, ref, rtol=0, atol=float(torch.finfo(dtype).eps) * 8)
+
+
+def test_parity_harness_selects_the_layer_norm_numerics():
+    from parity.modes import precision
+
+    from tokenlearner_torch import flax_numerics
+
+    ln, x = LayerNorm(48), torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(2)) + 100
+    with precision("f32", layer_norm="xla_cpu") as settings:
+        assert settings["tokenlearner.layer_norm_numerics"] == "xla_cpu"
+        torch.testing.assert_close(ln(x), flax_numerics.layer_norm(x, ln.weight, ln.bias, 1e-6), rtol=0, atol=0)
+    with precision("f32") as settings:
+        assert settings["tokenlearner.layer_norm_numerics"] == "fused"
+        torch.testing.assert_close(ln(x), torch.nn.functional.layer_norm(x, (48,), ln.weight, ln.bias, 1e-6),
+                                   rtol=0, atol=0)  # fmt: skip
