@@ -267,3 +267,16 @@ def test_trainer_image_to_video_surgery_then_training(kim):
     for _ in range(2):
         logs = target.train_step({"inputs": x, "label": np.array([0, 2]), "batch_mask": np.array([1.0, 0.0])})
         assert np.isfinite(logs["loss"]) and logs["metrics"]["loss"][1] == 1.0
+
+
+def test_surgery_from_a_scenic_checkpoint_folder():
+    from train_goldens import TrainCase
+
+    case = TrainCase("finetune_surgery")  # init_from.checkpoint_path: a Scenic msgpack checkpoint (step 100)
+    trainer = ScenicTrainer(case.config, case.dataset_meta_data)
+    trainer.load_params(case.dir / "params_target_init.msgpack")
+    trainer.init_from_train_state(case.dir / case.config["init_from"]["checkpoint_path"])  # config: init_from.model_config
+    want, got = case.tree("params_after_surgery"), trainer.params()
+    assert np.array_equal(got["Transformer"]["posembed_input"]["pos_embedding"],
+                          want["Transformer"]["posembed_input"]["pos_embedding"])
+    assert np.array_equal(got["pre_logits"]["kernel"], want["pre_logits"]["kernel"])

@@ -133,8 +133,7 @@ def _linear_cooldown(ratio, step, cfg):
     warmup = cfg.get("warmup_steps", 0.0)
     total = _need(cfg, "total_steps", "linear_cooldown")
     cooldown = _need(cfg, "cooldown_steps", "linear_cooldown")
-    adjusted = np.maximum(_F32(step), _F32(warmup)) if isinstance(warmup, float) else np.maximum(step, warmup)
-    return ratio * np.minimum(1.0, (total - _F32(adjusted)) / cooldown)
+    return ratio * np.minimum(1.0, (total - _F32(max(step, warmup))) / cooldown)
 
 
 # Every factor of Scenic's compound schedule (lr_schedules.compound_lr_scheduler at commit 4a38d475).

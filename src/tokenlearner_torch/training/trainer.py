@@ -9,6 +9,7 @@ trainer clipping (``max_grad_norm``) -> the optax chain -> ``global_step += 1``.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -52,6 +53,14 @@ def build_model(config: Mapping[str, Any], dataset_meta_data: Mapping[str, Any])
         )
     except KeyError as e:
         raise ConfigError(f"config.model.{e.args[0]} is required by TokenLearnerViT") from e
+
+
+def _params_tree(params: Any) -> Mapping[str, Any]:
+    if isinstance(params, (str, os.PathLike)):
+        from ..weights_convert.readers import read_checkpoint
+
+        return read_checkpoint(params)
+    return params
 
 
 def _tensor(value: Any, device: torch.device, name: str) -> Tensor:
@@ -125,10 +134,12 @@ class ScenicTrainer:
         self.optimizer: OptaxChain = scenic_optimizer(self.optimizer_config, self.lr_fn, self.specs)
         self.global_step = 0
 
-    def load_params(self, params: Mapping[str, Any]) -> None:
-        """Set the parameters from a Flax ``params`` tree; the optimiser starts afresh (step 0), as Scenic's."""
+    def load_params(self, params: Mapping[str, Any] | str | os.PathLike) -> None:
+        """Set the parameters from a Flax ``params`` tree (or a Scenic/Flax checkpoint path, read with
+        ``weights_convert.read_checkpoint``); the optimiser starts afresh (step 0), as Scenic's."""
         from ..weights_convert.mapping import flax_to_torch
 
+        params = _params_tree(params)
         state = flax_to_torch(self.model, params)
         current = self.model.state_dict()
         state = {k: v.to(dtype=current[k].dtype) for k, v in state.items()}
@@ -153,8 +164,10 @@ class ScenicTrainer:
                 return torch_to_flax(self.model, {self._torch_key[n]: t for n, t in found.items()})
         raise KeyError(f"the optimizer has no state {key!r}")
 
-    def init_from_train_state(self, restored_params: Mapping[str, Any], restored_config: Any = None) -> None:
-        """Scenic's fine-tuning surgery (``init_token_learner_from_train_state``) from a restored source model.
+    def init_from_train_state(self, restored_params: Mapping[str, Any] | str | os.PathLike,
+                              restored_config: Any = None) -> None:  # fmt: skip
+        """Scenic's fine-tuning surgery (``init_token_learner_from_train_state``) from a restored source model
+        (its Flax ``params`` tree, or a checkpoint path such as ``config.init_from.checkpoint_path``).
 
         ``restored_config``: the source's experiment config (default ``config.init_from.model_config``).
         The result is loaded and the optimiser starts afresh at step 0 (Scenic: ``tx.init``, step 0).
@@ -163,7 +176,7 @@ class ScenicTrainer:
             restored_config = cfg_get(self.config, "init_from.model_config", None)
             if restored_config is None:
                 raise ConfigError("init_from_train_state: pass restored_config or set config.init_from.model_config")
-        new = init_token_learner_from_train_state(self.params(), restored_params, self.config, load_config(restored_config))
+        new = init_token_learner_from_train_state(self.params(), _params_tree(restored_params), self.config, load_config(restored_config))
         self.load_params(new)
 
     # -- training --------------------------------------------------------------------------------------
