@@ -253,9 +253,13 @@ class OptaxChain(torch.optim.Optimizer):
         self.transforms = list(transforms)
         super().__init__([s.param for s in self.specs], {})
         self.last_updates_norm: Optional[Tensor] = None
-        self._states = [self.state[s.param] for s in self.specs]
         for i, t in enumerate(self.transforms):
             t.init(self.specs, self._sub_states(i))
+
+    @property
+    def _states(self) -> list[dict]:
+        # Looked up each time: load_state_dict replaces self.state.
+        return [self.state[s.param] for s in self.specs]
 
     def _sub_states(self, i: int) -> list[dict]:
         return [st.setdefault(str(i), {}) for st in self._states]
