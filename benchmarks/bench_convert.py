@@ -1,6 +1,6 @@
 """Benchmark of tokenlearner-convert on generated ViT-B/16 and L/16 Scenic TrainState checkpoints.
 
-    python benchmarks/bench_convert.py [--models B16 L16] [--repeat 2] [--cache /tmp/tokenlearner_bench]
+    python benchmarks/bench_convert.py [--models B16 L16] [--repeat 2] [--cache /tmp/tokenlearner_bench] [--memory-only]
 
 Each checkpoint is a legacy Flax msgpack file holding ``params`` plus optax Adam ``mu``/``nu`` (3x the
 parameters), as Scenic writes it; it is generated once with numpy and the project's writer and cached outside
@@ -13,7 +13,8 @@ the repository. Everything is measured in fresh subprocesses (wall time, and pea
   read/resolve/convert/write seconds of its ``--report``).
 
 Targets (from the converter issue): CLI wall <= flax restore; own work <= 2 x (read once + write once);
-peak RSS - baseline <= 1.5 x parameter bytes.
+peak RSS - baseline <= 1.5 x parameter bytes. ``--memory-only`` measures just the last (the baseline and the
+command), which other processes on the machine do not disturb the way they disturb times.
 """
 
 from __future__ import annotations
@@ -147,7 +148,6 @@ WRITE_ONCE = (
 
 def bench(name: str, cache: Path, out_root: Path) -> dict:
     path, pbytes = make_checkpoint(name, cache)
-    c, layers, heads, mlp, loc = SIZES[name]
     run_isolated([PY, "-c", READ_ONCE, str(path)])  # warm the page cache for everyone alike
     base_wall, base_rss, _ = run_isolated([PY, "-c", "import torch"])
     _, flax_rss, out = run_isolated([PY, "-c", FLAX_RESTORE, str(path)])
@@ -161,13 +161,7 @@ def bench(name: str, cache: Path, out_root: Path) -> dict:
     target = out_root / f"{name}_torch"
     shutil.rmtree(target, ignore_errors=True)
     report = out_root / f"{name}_report.json"
-    # The console script of this interpreter's environment (a pyenv/conda shim in front of it would add its
-    # own start-up to the measurement); `python -m` if the package is not installed as a distribution.
-    script = Path(sys.executable).parent / "tokenlearner-convert"
-    exe = [str(script)] if script.exists() else [sys.executable, "-m", "tokenlearner_torch.weights_convert.cli"]
-    cli = [*exe, str(path), "-o", str(target), "-q", "--report", str(report),
-           "--set", "tokenizer.type=dynamic", "--set", f"tokenizer.tokenlearner_loc={loc}", "--set", "classifier=gap"]  # fmt: skip
-    cli_wall, cli_rss, _ = run_isolated(cli)
+    cli_wall, cli_rss, _ = run_isolated(_cli(name, path, target, report))
     seconds = json.loads(report.read_text())["seconds"]
     own = sum(v for k, v in seconds.items() if k != "torch_import_wait")  # start-up, not the conversion
     shutil.rmtree(target, ignore_errors=True)
@@ -185,6 +179,33 @@ def bench(name: str, cache: Path, out_root: Path) -> dict:
         "cli_rss": cli_rss,
         "own_work_s": own,
     }
+
+
+def _cli(name: str, path: Path, target: Path, report: Path | None = None) -> list[str]:
+    """The command line converting ``path`` into ``target``."""
+    loc = SIZES[name][4]
+    # The console script of this interpreter's environment (a pyenv/conda shim in front of it would add its
+    # own start-up to the measurement); `python -m` if the package is not installed as a distribution.
+    script = Path(sys.executable).parent / "tokenlearner-convert"
+    exe = [str(script)] if script.exists() else [sys.executable, "-m", "tokenlearner_torch.weights_convert.cli"]
+    extra = ["--report", str(report)] if report else []
+    return [*exe, str(path), "-o", str(target), "-q", *extra,
+            "--set", "tokenizer.type=dynamic", "--set", f"tokenizer.tokenlearner_loc={loc}", "--set", "classifier=gap"]  # fmt: skip
+
+
+def memory_only(name: str, cache: Path, out_root: Path, repeat: int) -> str:
+    """Peak RSS of the command above the `import torch` baseline, per run, as a multiple of the parameters."""
+    path, pbytes = make_checkpoint(name, cache)
+    base = min(run_isolated([PY, "-c", "import torch"])[1] for _ in range(repeat))
+    target = out_root / f"{name}_torch"
+    ratios = []
+    for _ in range(repeat):
+        shutil.rmtree(target, ignore_errors=True)
+        ratios.append((run_isolated(_cli(name, path, target))[1] - base) / pbytes)
+    shutil.rmtree(target, ignore_errors=True)
+    med = statistics.median(ratios)
+    runs = ", ".join(f"{r:.2f}" for r in ratios)
+    return f"| {name} | {pbytes / (1 << 20):.0f} MiB | {base / (1 << 20):.0f} MiB | {med:.2f} ({med * pbytes / (1 << 20):.0f} MiB; runs {runs}) |"
 
 
 def table(rows: list[dict]) -> str:
@@ -232,10 +253,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tokenlearner_bench"))
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak RSS of the command above `import torch`")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     out_root = args.cache / "out"
     out_root.mkdir(exist_ok=True)
+    if args.memory_only:
+        print("| model | params | `import torch` peak RSS | CLI peak RSS above it / params (target <= 1.5), median |")
+        print("|---|---|---|---|")
+        for name in args.models:
+            print(memory_only(name, args.cache, out_root, args.repeat), flush=True)
+        return
     rows = []
     for rep in range(args.repeat):
         for name in args.models:

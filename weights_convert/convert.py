@@ -199,7 +199,7 @@ def convert(
     with StagedFolder(out, force=force) as staged, contextlib.ExitStack() as cleanup:
         t0 = time.perf_counter()
         # The source's sha256 may still be computing (a thread): it is only needed in the final metadata.
-        params, info, digest = read_checkpoint_deferred(src, step=step, subtree=subtree)
+        params, info, digest, release = read_checkpoint_deferred(src, step=step, subtree=subtree)
         cleanup.callback(digest.close)
         rep.format, rep.layout, rep.step = info.format, info.layout, info.step
         rep.skipped = list(info.skipped)
@@ -216,10 +216,11 @@ def convert(
             "nonfinite_leaves": "0",
         }
         t1 = time.perf_counter()
-        # Written from the Flax names alone while torch loads; checked against the real model below.
+        # Written from the Flax names alone while torch loads; checked against the real model below. Each leaf
+        # is read once (NaN/Inf checked as it is written), then its source pages are released.
         early = plan_from_flax(flatten_tree(params), dtype) if isinstance(params, dict) else None
-        if early is not None and not early.nonfinite:
-            staged.write_weights(early, metadata)
+        if early is not None:
+            staged.write_weights(early, metadata, release=release, check_nonfinite=True)
         t2 = time.perf_counter()
         waited = torch_ready.wait()
         from .export import plan_leaves
@@ -231,7 +232,7 @@ def convert(
         rep.field_sources, rep.ignored_config_fields = arch.sources, arch.ignored
         model = build_skeleton(arch.scenic_class, arch.kwargs)
         try:
-            plan = plan_leaves(model, params, dtype=dtype, check_nonfinite=early is None)  # strict: raises on any misfit
+            plan = plan_leaves(model, params, dtype=dtype, check_nonfinite=False)  # strict: raises on any misfit
         except ParamsMismatchError as exc:
             rep.mismatch = exc.to_dict()
             short = arch.scenic_class.rsplit(".", 1)[-1]
@@ -241,8 +242,10 @@ def convert(
             else:
                 title, another = f"{src}: does not fit the {short} built from its shapes and the given fields", None
             raise exc.with_context(title, another) from None
-        if early is not None:
+        if early is not None and early.same_layout(plan):
             plan.nonfinite = early.nonfinite
+        else:  # the early write read a name differently, or could not plan: write from the model's table
+            staged.write_weights(plan, metadata, release=release, check_nonfinite=True)
         rep.flax_leaves_total = rep.flax_leaves_consumed = len(plan.leaves)
         rep.parameters, rep.parameter_bytes = plan.parameters, plan.nbytes
         rep.source_dtypes, rep.output_dtypes = plan.source_dtypes, plan.output_dtypes
@@ -253,16 +256,15 @@ def convert(
         t4 = time.perf_counter()
         rep.source_sha256 = info.source_sha256 = digest.hexdigest()
         metadata.update(source_sha256=info.source_sha256, scenic_class=arch.scenic_class, nonfinite_leaves=str(len(plan.nonfinite)))
-        written = early is not None and not early.nonfinite and early.same_layout(plan) and staged.set_metadata(metadata)
-        if not written:
-            staged.write_weights(plan, metadata)
+        if not staged.set_metadata(metadata):  # outgrew the header's room: write the file again
+            staged.write_weights(plan, metadata, release=release)
         staged.commit({"scenic_class": arch.scenic_class, "constructor_kwargs": dict(arch.kwargs), "format_version": FORMAT_VERSION})
         t5 = time.perf_counter()
     rep.output = str(out)
     rep.ok = True
     # "torch_import_wait" is start-up (torch still loading after the weights were written), not the
-    # conversion's own work. "write" includes putting the leaves in torch layout, which happens as they are
-    # written; "finish" the source hash (if still running), metadata, config.json, fsync and rename (and a
-    # rewrite if the early write did not match the model).
+    # conversion's own work. "write" includes putting the leaves in torch layout and the NaN/Inf check, which
+    # happen as they are written; "resolve" includes a rewrite if the early write did not match the model;
+    # "finish" the source hash (if still running), metadata, config.json, fsync and rename.
     rep.seconds = {"read": t1 - t0, "write": t2 - t1, "torch_import_wait": waited, "resolve": t4 - t3, "finish": t5 - t4}
     return rep

@@ -90,6 +90,7 @@ class _RawState:
     sha256: _Digest
     format: str
     resolve: Callable[[str, Any], np.ndarray | None] | None = None
+    release: Callable[[np.ndarray], None] = lambda array: None  # see _MappedPages.release
 
 
 class OutputError(CheckpointError):
@@ -117,7 +118,7 @@ def read_checkpoint(path: str | os.PathLike[str], step: int | None = None, subtr
     step unless ``step`` is given) or an Orbax directory. ``subtree='a/b'`` returns
     ``params['a']['b']``. Arrays decoded from msgpack are read-only views; copy before mutating.
     """
-    params, _, digest = read_checkpoint_deferred(path, step=step, subtree=subtree)
+    params, _, digest, _ = read_checkpoint_deferred(path, step=step, subtree=subtree)
     digest.close()  # nobody asked for the sha256
     return params
 
@@ -126,7 +127,7 @@ def read_checkpoint_info(
     path: str | os.PathLike[str], step: int | None = None, subtree: str | None = None
 ) -> tuple[dict[str, Any], CheckpointInfo]:
     """Return ``(params, info)``: the tree of :func:`read_checkpoint` and a :class:`CheckpointInfo`."""
-    params, info, digest = read_checkpoint_deferred(path, step=step, subtree=subtree)
+    params, info, digest, _ = read_checkpoint_deferred(path, step=step, subtree=subtree)
     try:
         info.source_sha256 = digest.hexdigest()
     finally:
@@ -136,11 +137,14 @@ def read_checkpoint_info(
 
 def read_checkpoint_deferred(
     path: str | os.PathLike[str], step: int | None = None, subtree: str | None = None
-) -> tuple[dict[str, Any], CheckpointInfo, _Digest]:
+) -> tuple[dict[str, Any], CheckpointInfo, _Digest, Callable[[np.ndarray], None]]:
     """:func:`read_checkpoint_info`, but the sha256 of a msgpack file may still be computing.
 
-    ``info.source_sha256`` is empty; ``digest.hexdigest()`` waits for it, ``digest.close()`` stops it
-    (call it on every path: the converter writes the weights while the hash runs).
+    Returns ``(params, info, digest, release)``. ``info.source_sha256`` is empty; ``digest.hexdigest()``
+    waits for it, ``digest.close()`` stops it (call it on every path: the converter writes the weights while
+    the hash runs). ``release(array)`` tells that the caller is done with an array of the tree for now: the
+    pages of a memory-mapped file it views leave the process's memory (they stay in the page cache; reading
+    the array again maps them again). A no-op for arrays that do not view a mapped file.
     """
     source = Path(path)
     if not source.exists():
@@ -175,7 +179,7 @@ def read_checkpoint_deferred(
         skipped=skipped,
         path=str(target),
     )
-    return params, info, raw.sha256
+    return params, info, raw.sha256, raw.release
 
 
 def find_nonfinite(params: Any, _prefix: str = "") -> list[str]:
@@ -399,6 +403,40 @@ class _Done:
         pass
 
 
+class _MappedPages:
+    """The read-only shared mapping that a msgpack checkpoint's arrays view, and a way to drop their pages.
+
+    Every page of the mapping that has been read counts in the process's resident memory until it is
+    unmapped, which for the arrays' mapping is only when the last array goes. :meth:`release` drops the
+    pages under one array (``MADV_DONTNEED``): the data stays in the page cache (a clean, read-only, shared
+    file mapping loses nothing), and reading the array again maps its pages again. So the converter, which
+    releases each leaf once written, holds about one leaf of the source at a time instead of all of them.
+    """
+
+    _PAGE = mmap.PAGESIZE
+
+    def __init__(self, mapped: mmap.mmap) -> None:
+        self._mapped = mapped
+        probe = np.frombuffer(mapped, np.uint8)  # only to learn the mapping's address (no copy)
+        self._base, self._size = int(probe.ctypes.data), probe.size
+        del probe  # a live export would keep the mapping from closing
+
+    def release(self, array: np.ndarray) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED") or array.size == 0:
+            return
+        lo = hi = int(array.ctypes.data)
+        for n, stride in zip(array.shape, array.strides):
+            lo, hi = lo + min(0, (n - 1) * stride), hi + max(0, (n - 1) * stride)
+        hi += array.itemsize
+        if lo < self._base or hi > self._base + self._size:
+            return  # not a view of this mapping: never advise memory that is not the file's
+        start = (lo - self._base) // self._PAGE * self._PAGE
+        try:
+            self._mapped.madvise(mmap.MADV_DONTNEED, start, hi - self._base - start)
+        except (OSError, ValueError):  # closed, or refused: the pages just stay until the mapping goes
+            pass
+
+
 class _FileHasher:
     """sha256 of a file, computed in a second thread while the caller decodes it.
 
@@ -408,7 +446,7 @@ class _FileHasher:
     the hash adds one window to the resident memory, not the whole file.
     """
 
-    _WINDOW = 32 << 20
+    _WINDOW = 8 << 20
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -472,7 +510,7 @@ def _read_msgpack_file(path: Path) -> _RawState:
     except BaseException:
         hasher.close()
         raise
-    return _RawState(top=top, skipped=skipped, sha256=hasher, format="flax-msgpack")
+    return _RawState(top=top, skipped=skipped, sha256=hasher, format="flax-msgpack", release=_MappedPages(mapped).release)
 
 
 def _read_key(decoder: msgpack_io.MappedDecoder) -> str:
@@ -719,6 +757,7 @@ def _read_orbax_dir(directory: Path) -> _RawState:
     """Read an Orbax PyTree checkpoint directory of any generation (see docs/checkpoint_formats.md)."""
     top: dict[str, Any] = {}
     skipped: list[str] = []
+    inner = None
     if (directory / "checkpoint").is_file():
         inner = _read_msgpack_file(directory / "checkpoint")
         top, skipped = inner.top, list(inner.skipped)
@@ -732,7 +771,11 @@ def _read_orbax_dir(directory: Path) -> _RawState:
         raise _fail(directory, "Orbax directory holds no tree (expected a 'checkpoint' file or '_METADATA')")
     reader = _TensorstoreReader(directory, bool(meta.get("use_zarr3", False)) if isinstance(meta, dict) else False)
     fmt = "orbax-ocdbt" if reader.ocdbt else ("orbax-zarr" if _has_refs(top) else "orbax-msgpack")
-    return _RawState(top=top, skipped=skipped, sha256=_Done(_sha256_dir(directory)), format=fmt, resolve=reader.resolve)
+    raw = _RawState(top=top, skipped=skipped, sha256=_Done(_sha256_dir(directory)), format=fmt, resolve=reader.resolve)
+    if inner is not None:
+        inner.sha256.close()
+        raw.release = inner.release
+    return raw
 
 
 def _merge_metadata(

@@ -3,7 +3,8 @@
 A conversion is planned first: every Flax leaf becomes a :class:`PlannedLeaf`, a view of the source array in
 its torch layout (no copy yet). Writing then puts each leaf into ``model.safetensors`` in turn: leaves whose
 layout is the same in both frameworks (biases, LayerNorm scales, position embeddings) straight from the bytes
-read, transposed leaves through one reused buffer. Peak memory stays near one copy of the parameters.
+read, transposed leaves through one reused buffer; the reader's ``release`` then drops the source pages of
+the leaf written, so peak memory stays near one leaf of the source, not a copy of the parameters.
 
 Everything is written into a hidden temporary folder next to the output, which :class:`StagedFolder`
 renames into place only when the conversion has succeeded; on any failure it is removed, so either the
@@ -21,7 +22,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -121,14 +122,18 @@ def make_plan(entries: Iterable[tuple[str, str, LeafRule, np.ndarray]], dtype: s
 
 def plan_from_flax(flat: Mapping[str, Any], dtype: str = "keep") -> Plan | None:
     """Plan a flat Flax tree (``{'a/b/kernel': array}``) from its names and ranks alone (see
-    ``layouts.rule_from_flax``); None if a leaf's name does not tell its layout or is not an array."""
+    ``layouts.rule_from_flax``); None if a leaf's name does not tell its layout or is not an array.
+
+    No value is read yet: :meth:`StagedFolder.write_weights` looks for NaN/Inf as it writes each leaf, so
+    that the source is read once, one leaf at a time.
+    """
     entries = []
     for path, arr in flat.items():
         found = rule_from_flax(path, arr.ndim) if isinstance(arr, np.ndarray) else None
         if found is None:
             return None
         entries.append((found[0], path, found[1], arr))
-    return make_plan(entries, dtype)
+    return make_plan(entries, dtype, check_nonfinite=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,21 +204,35 @@ class StagedFolder:
         except OSError as exc:
             raise self._disk_error(exc) from None
 
-    def write_weights(self, plan: Plan, metadata: Mapping[str, str]) -> None:
+    def write_weights(
+        self, plan: Plan, metadata: Mapping[str, str], release: Callable[[np.ndarray], None] | None = None, check_nonfinite: bool = False
+    ) -> None:
         """Write ``model.safetensors``: the header (with room for :meth:`set_metadata`), then each leaf.
 
         Tensors go largest element size first (8-byte alignment for every tensor, as safetensors' own
-        writer does), in the plan's order otherwise.
+        writer does), in the plan's order otherwise. ``check_nonfinite``: record the leaves holding NaN/Inf
+        in ``plan.nonfinite`` while writing them. ``release(view)`` is called on each leaf once written
+        (the reader's ``release``: the source pages under it leave the process's memory).
         """
         leaves = sorted(plan.leaves, key=lambda p: -p.out_dtype.itemsize)
         header = _header_json(leaves, metadata)
         self._header_room = len(header) + _HEADER_SLACK + (-(len(header) + _HEADER_SLACK) % 8)
         scratch = np.empty(max((p.nbytes for p in leaves), default=0), np.uint8)
         self._leaves = leaves
+        if check_nonfinite:
+            plan.nonfinite = []
         with self._writing(), open(self.tmp / WEIGHTS_NAME, "wb") as fp:
             fp.write(struct.pack("<Q", self._header_room) + header.ljust(self._header_room))
             for p in leaves:
-                fp.write(_leaf_bytes(p, scratch))
+                data = _leaf_bytes(p, scratch)
+                # Checked on the bytes being written (the source's values, in torch layout) where the dtype
+                # is kept; on the source where it is cast, so that a cast's overflow is not reported as NaN/Inf.
+                if check_nonfinite and not all_finite(np.frombuffer(data, p.out_dtype) if p.view.dtype == p.out_dtype else p.view):
+                    plan.nonfinite.append(p.flax_path)
+                fp.write(data)
+                del data
+                if release is not None:
+                    release(p.view)
 
     def set_metadata(self, metadata: Mapping[str, str]) -> bool:
         """Replace the metadata in the written header in place; False if it does not fit the room left."""
