@@ -229,8 +229,9 @@ def test_trainer_starts_from_scenic_init():
 def test_trainer_errors():
     with pytest.raises(ConfigError, match="model_name"):
         ScenicTrainer({**SMALL, "model_name": "vit_multilabel_classification"}, META)
-    with pytest.raises(ConfigError, match="mixup"):
-        ScenicTrainer({**SMALL, "mixup": {"alpha": 0.2}}, META)
+    with pytest.raises(ShapeError, match="one-hot"):  # mixup needs one-hot labels, as Scenic's
+        ScenicTrainer({**SMALL, "mixup": {"alpha": 0.2}}, META).train_step(
+            {"inputs": np.zeros((2, 16, 16, 3), np.float32), "label": np.array([1, 2])})
     with pytest.raises(ConfigError, match="input_shape"):
         ScenicTrainer(SMALL, {"num_classes": 5})
     trainer = ScenicTrainer(SMALL, META)
@@ -280,3 +281,22 @@ def test_surgery_from_a_scenic_checkpoint_folder():
     assert np.array_equal(got["Transformer"]["posembed_input"]["pos_embedding"],
                           want["Transformer"]["posembed_input"]["pos_embedding"])
     assert np.array_equal(got["pre_logits"]["kernel"], want["pre_logits"]["kernel"])
+
+
+def test_mixup_in_train_step():
+    from tokenlearner_torch.training.mixup import mixup, sample_mixup_weight
+
+    x, y = torch.randn(3, 2, 2, 1), torch.eye(3)
+    mx, my = mixup(x, y, 0.7)
+    assert torch.allclose(mx[0], 0.7 * x[0] + 0.3 * x[2]) and torch.allclose(my[1], y[1])
+    draws = [sample_mixup_weight(0.4, torch.Generator().manual_seed(s)) for s in range(200)]
+    assert 0.0 < min(draws) and max(draws) < 1.0 and abs(np.mean(draws) - 0.5) < 0.08  # Beta(a, a): mean 1/2
+    meta = {**META, "target_is_onehot": True}
+    cfg = {**SMALL, "mixup": {"alpha": 0.5}}
+    batch = {"inputs": RNG.normal(size=(2, 16, 16, 3)).astype(np.float32), "label": np.eye(5, dtype=np.float32)[[1, 3]]}
+    mixed = ScenicTrainer(cfg, meta)
+    logs = mixed.train_step(batch)
+    w = logs["mixup_weight"]
+    plain = ScenicTrainer(SMALL, meta)  # the same init (rng_seed); fed the batch mixed by hand
+    xm, ym = mixup(torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["label"]), w)
+    assert plain.train_step({"inputs": xm, "label": ym})["loss"] == pytest.approx(logs["loss"], rel=1e-6)

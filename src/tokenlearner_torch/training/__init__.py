@@ -14,6 +14,7 @@ from .losses import (
     weighted_unnormalized_sigmoid_cross_entropy,
     weighted_unnormalized_softmax_cross_entropy,
 )
+from .mixup import mixup, sample_mixup_weight
 from .optim import OptaxChain, clip_grads, get_optax_optimizer_config, scenic_optimizer, weight_decay_mask
 from .schedules import COMPOUND_FACTORS, compound_lr_fn, get_learning_rate_fn
 from .surgery import (
@@ -38,6 +39,8 @@ __all__ = [
     "weighted_sigmoid_cross_entropy",
     "weighted_unnormalized_softmax_cross_entropy",
     "weighted_unnormalized_sigmoid_cross_entropy",
+    "mixup",
+    "sample_mixup_weight",
     "OptaxChain",
     "scenic_optimizer",
     "get_optax_optimizer_config",

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..errors import ConfigError, ShapeError
 from .config import cfg_get, load_config
 from .losses import ScenicClassificationLoss
+from .mixup import mixup, sample_mixup_weight
 from .optim import OptaxChain, ParamSpec, clip_grads, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
 from .schedules import get_learning_rate_fn
 from .surgery import init_token_learner_from_train_state
@@ -89,9 +90,9 @@ class ScenicTrainer:
         if model_name not in MODEL_NAMES:
             raise ConfigError(f"config.model_name {model_name!r} is not a TokenLearner classification model; "
                               f"expected one of {sorted(MODEL_NAMES)}")  # fmt: skip
-        mixup = self.config.get("mixup") or {}
-        if mixup.get("alpha"):
-            raise ConfigError("config.mixup is not supported by ScenicTrainer (Scenic draws it from its JAX RNG)")
+        self.mixup_config = dict(self.config.get("mixup") or {})
+        # Scenic's mixup weight comes from its JAX RNG; the port's from this generator (rng_seed).
+        self.mixup_generator = torch.Generator().manual_seed(int(self.config.get("rng_seed", 0) or 0))
         for key in ("num_classes", "input_shape"):
             if key not in self.dataset_meta_data:
                 raise ConfigError(f"dataset_meta_data['{key}'] is required")
@@ -201,6 +202,11 @@ class ScenicTrainer:
         ``l2_params``, ``l2_updates`` and ``metrics`` (``{name: (sum, normalizer)}``, Scenic's train metrics).
         """
         inputs, label, mask = self._batch(batch)
+        mixup_weight = None
+        if self.mixup_config.get("alpha"):  # Scenic's train_step mixes the batch first
+            mixup_weight = sample_mixup_weight(float(self.mixup_config["alpha"]), self.mixup_generator)
+            inputs, label = mixup(inputs, label.to(torch.float32), mixup_weight,
+                                  self.mixup_config.get("image_format", "NHWC"))
         self.model.train()
         logits = self.model(inputs)
         l2 = [s.param for s in self.specs if s.flax_ndim > 1] if self.loss_fn.l2_decay_factor is not None else None
@@ -230,4 +236,5 @@ class ScenicTrainer:
             "l2_params": float(l2_params),
             "l2_updates": float(self.optimizer.last_updates_norm),
             "metrics": self.loss_fn.metrics(logits.detach(), label, mask),
+            **({"mixup_weight": mixup_weight} if mixup_weight is not None else {}),
         }
