@@ -1,10 +1,13 @@
-"""``tokenlearner-parity``: prove the PyTorch port computes what Scenic computes.
+"""tokenlearner-parity: prove the PyTorch port computes what Scenic computes.
 
   tokenlearner-parity check CASE_DIR...          stored cases (goldens format) vs the port; no jax needed
   tokenlearner-parity live CONFIG|CASE_DIR       the Flax reference and the port side by side
   tokenlearner-parity record CONFIG -o CASE_DIR  write a case of your model with the Flax reference
+  tokenlearner-parity train CONFIG|CASE_DIR       K training steps vs Scenic's train_step (parity/train.py)
 
-Exit status: 0 parity holds, 1 parity failure, 2 usage or input error.
+Exit status (as tokenlearner-convert): 0 parity holds, 1 parity failure, 2 usage or input error (bad
+arguments, a missing or unreadable path, weights that do not fit the config; one line on stderr).
+Progress goes to stderr, reports to stdout; -q prints only the summary line(s).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, Sequence
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 PROG = "tokenlearner-parity"
 MODE_CHOICES = ("f64", "f32", "tf32", "bf16")
+ACCURACY_CHOICES = ("auto", "always", "off")  # api.ACCURACY_CHOICES, without importing the api for --help
 
 
 class UsageError(Exception):
@@ -42,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--plot", metavar="FILE.png", help="draw the per-module errors along the execution order "
                             "(needs the viz extra: matplotlib)")
         sp.add_argument("-v", "--verbose", action="store_true", help="list every tensor, not only the first 40")
-        sp.add_argument("-q", "--quiet", action="store_true", help="print only the summary line(s)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print only the summary line(s), no progress")
 
     c = sub.add_parser("check", help="check stored cases (no jax needed)",
                        description="The port against stored cases: output, every intermediate, every gradient. "
@@ -56,9 +60,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def reference_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", metavar="CONFIG|CASE_DIR",
-                        help="a JSON config (scenic_class, constructor_kwargs, inputs shapes) or a case folder")
-        sp.add_argument("--checkpoint", metavar="PATH", help="Scenic/Flax checkpoint with the weights (default: "
-                        "the case's weights, or random ones)")
+                        help="a JSON config file (scenic_class, constructor_kwargs, inputs shapes), the JSON text "
+                        "itself ('{...}'), or a case folder")
+        sp.add_argument("--checkpoint", metavar="PATH", help="the weights: a Scenic/Flax checkpoint, or a folder "
+                        "written by tokenlearner-convert (default: the case's weights, or random ones)")
         sp.add_argument("--inputs", metavar="NPZ", help="inputs by name in an .npz (default: random N(0,1))")
         sp.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                         help="shape of a random input (repeatable); overrides the config's")
@@ -72,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     reference_args(lv)
     lv.add_argument("--mode", default="f32", choices=MODE_CHOICES + ("all",), help="precision mode (default f32)")
     lv.add_argument("--no-jit", action="store_true", help="run the Flax reference eagerly")
+    lv.add_argument("--accuracy", choices=ACCURACY_CHOICES, default="auto",
+                    help="the accuracy rule: a tensor failing the plain rule passes when the port is elementwise as "
+                    "close to a float64 run of the reference as the reference is. auto (default): run the float64 "
+                    "reference when a tensor fails; always: in any case (both distances for every tensor); off")
     common(lv)
 
     rc = sub.add_parser("record", help="write a case of your model with the Flax reference",
@@ -80,10 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     reference_args(rc)
     rc.add_argument("-o", "--output", required=True, metavar="CASE_DIR", help="the case folder to write")
     rc.add_argument("--mode", default="f32", choices=MODE_CHOICES,
-                    help="f32 (default), bf16, or f64 (float64 case: check then verifies to 1e-10)")
+                    help="f32 (default), tf32 (CUDA TF32 matmuls; on CPU as f32), bf16, or f64 (float64 case: "
+                    "check then verifies to 1e-10)")
     rc.add_argument("--copy-checkpoint", action="store_true", help="copy --checkpoint into CASE_DIR/checkpoint/")
     rc.add_argument("--force", action="store_true", help="overwrite a non-empty CASE_DIR")
-    rc.add_argument("--check", action="store_true", help="then run `check` on the written case")
+    rc.add_argument("--check", action="store_true", help="then run check on the written case (with --device, "
+                    "--tol, --no-grads, --json)")
+    common(rc)
     from .train import add_train_parser  # tokenlearner-parity train: parity/train.py
 
     add_train_parser(sub, common)
@@ -103,6 +115,20 @@ def _shapes(items: Sequence[str]) -> dict[str, list[int]] | None:
         except ValueError:
             raise UsageError(f"--input-shape {item!r}: expected NAME=D0,D1,... (e.g. x=2,32,32,3)") from None
     return out
+
+
+def _progress(args: argparse.Namespace) -> Any:
+    """A callback printing one line per phase to stderr (with the seconds since the start), silent with -q."""
+    if getattr(args, "quiet", False):
+        return None
+    import time
+
+    start = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"{PROG}: [{time.monotonic() - start:5.1f}s] {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _emit(reports: list[Any], args: argparse.Namespace) -> None:
@@ -168,7 +194,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     for arg in args.cases:
         found = find_cases(arg)
         if not found:
-            errors.append(f"{arg}: not a case folder nor a folder of cases")
+            errors.append(f"{arg}: no such file or folder" if not Path(arg).exists() else
+                          f"{arg}: not a case folder (no config.json) and holds no case folders")
             continue
         for case in found:
             try:
@@ -195,11 +222,12 @@ def _cmd_live(args: argparse.Namespace) -> int:
     _plot_path(args)
     modes = list(MODE_CHOICES) if args.mode == "all" else [args.mode]
     reports = []
+    say = _progress(args)
     for mode in modes:
         reports.append(
             live(args.config, checkpoint=args.checkpoint, inputs=args.inputs, input_shapes=_shapes(args.input_shape),
                  mode=mode, device=args.device, seed=args.seed, tol=args.tol, grads=not args.no_grads,
-                 prefer_genuine=args.scenic == "auto", jit=not args.no_jit)
+                 prefer_genuine=args.scenic == "auto", jit=not args.no_jit, accuracy=args.accuracy, progress=say)
         )
     _emit(reports, args)
     _write_json(reports, [], args)
@@ -212,14 +240,21 @@ def _cmd_record(args: argparse.Namespace) -> int:
 
     if args.copy_checkpoint and not args.checkpoint:
         raise UsageError("--copy-checkpoint needs --checkpoint")
+    if (args.json or args.plot) and not args.check:
+        raise UsageError("--json and --plot report the check of the written case: add --check")
+    if args.check:
+        _plot_path(args)
     path = record(args.config, args.output, checkpoint=args.checkpoint, inputs=args.inputs,
                   input_shapes=_shapes(args.input_shape), mode=args.mode, seed=args.seed,
-                  copy_checkpoint=args.copy_checkpoint, overwrite=args.force, prefer_genuine=args.scenic == "auto")
+                  copy_checkpoint=args.copy_checkpoint, overwrite=args.force, prefer_genuine=args.scenic == "auto",
+                  progress=_progress(args))
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()))
-    print(f"recorded case {path} (mode {args.mode}): {files}")
+    print(f"recorded case {path} (mode {args.mode})" + ("" if args.quiet else f": {files}"))
     if args.check:
         rep = check_case(path, device=args.device, tol=args.tol, grads=not args.no_grads)
         _emit([rep], args)
+        _write_json([rep], [], args)
+        _write_plot([rep], args)
         return EXIT_OK if rep.passed else EXIT_FAIL
     return EXIT_OK
 
