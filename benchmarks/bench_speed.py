@@ -295,7 +295,8 @@ def third_party(kind: str, xs: list[torch.Tensor]) -> list[tuple[str, Any]]:
 # Measurements
 # --------------------------------------------------------------------------------------------------------
 def _port(spec: dict, params: Optional[dict]) -> torch.nn.Module:
-    model = tl.from_scenic(spec["cls"], spec["kwargs"])
+    # Built with its input shapes: every parameter exists before the first call (compile, optimisers).
+    model = tl.from_scenic(spec["cls"], spec["kwargs"], input_shapes=[s[1:] for s in spec["inputs"](1)])
     if params is not None:
         model.load_state_dict(flax_to_torch(model, params), strict=True)
     return model.eval()
@@ -647,7 +648,10 @@ def render(rows: list[dict], mem: dict, args, header: str) -> str:
                 lines.append(f"- {names[c]}, {what}: `{rec.line}`"
                              + (f" (run with backend={args.backend!r} instead)" if args.backend else ""))
     if train:
-        lines.append(f"- full step, optimiser: {train_rows.OPTIMIZER_NOTE}")
+        for k in args.optimizers:
+            label, code = train_rows.OPTIMIZERS[k]
+            lines.append(f"- full step, {label}: `{code}`")
+        lines.append(f"- full step, {train_rows.OPTIMIZER_NOTE}")
     lines.append("")
     if cuda:
         lines += [
@@ -679,12 +683,14 @@ def render_train(rows: list[dict], cols: tuple[str, ...], names: dict, _ms_, arg
         "",
         "Training (softmax cross-entropy; Scenic: `jax.jit(jax.value_and_grad(loss))`, full step: "
         "`optax.adamw` in one jitted step; gradients of every column checked against Scenic's, scaled like the "
-        "goldens, worst leaf named; \"adamw err\": one torch AdamW step vs optax.adamw on the same gradients):",
+        "goldens, worst leaf named; full step: one step of the port's optimiser vs optax.adamw on the same "
+        "gradients):",
         "",
         "| workload | batch | precision | what | " + " | ".join(f"port {names[c]} ms" for c in cols)
         + " | Scenic jit ms | " + " | ".join(f"{names[c]} × Scenic" for c in cols)
-        + " | grad err " + " / ".join(names[c] for c in cols) + " (tolerance) | adamw err |",
-        "|" + "---|" * (4 + 2 * len(cols) + 3),
+        + " | check (scaled error: gradients " + " / ".join(names[c] for c in cols) + " (tolerance); "
+        "optimiser step) |",
+        "|" + "---|" * (4 + 2 * len(cols) + 2),
     ]
     for r in rows:
         t = r["times"]
@@ -692,8 +698,12 @@ def render_train(rows: list[dict], cols: tuple[str, ...], names: dict, _ms_, arg
         bad = [c for c in cols if r.get(f"grad_err_{c}", 0.0) > r["tolerance"]]
         if bad:
             errs += " **over: " + ", ".join(f"{c} at {r[f'grad_worst_{c}']}" for c in bad) + "**"
-        for what, label in (("fwd_bwd", "forward + backward"), ("step", "full step (AdamW)")):
-            f = t.get(f"{what}:flax")
+        what_lines = [("fwd_bwd", "fwd_bwd", "forward + backward", f"grad {errs} ({r['tolerance']:.0e})")]
+        for k, err in r["adamw_err"].items():
+            what_lines.append((f"step[{k}]", "step", f"full step, {train_rows.OPTIMIZERS[k][0]}",
+                               f"step vs optax.adamw {err:.1e}"))
+        for what, ref_key, label, check in what_lines:
+            f = t.get(f"{ref_key}:flax")
 
             def cell(c, what=what, r=r, t=t):
                 if f"{what}:{c}" in t:
@@ -701,10 +711,9 @@ def render_train(rows: list[dict], cols: tuple[str, ...], names: dict, _ms_, arg
                 return ("error: " + r[f"error_{c}"]) if f"error_{c}" in r else "—"
 
             ratios = " | ".join(f"{f / t[f'{what}:{c}']:.2f}x" if f"{what}:{c}" in t else "—" for c in cols)
-            tail = f"{errs} ({r['tolerance']:.0e}) | {r['adamw_err']:.1e}" if what == "fwd_bwd" else "— | —"
             lines.append(
                 f"| {r['workload']} | {r['batch']} | {r['precision']} | {label} | "
-                + " | ".join(cell(c) for c in cols) + f" | {_ms_(f)} | {ratios} | {tail} |"
+                + " | ".join(cell(c) for c in cols) + f" | {_ms_(f)} | {ratios} | {check} |"
             )
     if not cuda:
         lines.append("")
@@ -744,6 +753,9 @@ def main() -> None:
     p.add_argument("--batches", default=None,
                    help="comma-separated ViT inference batch sizes (default 1,8; cuda: 8,64)")
     p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8; cuda: 64)")
+    p.add_argument("--optimizer", default="optax",
+                   help="full-step rows: comma-separated, of optax (the project's optax-order AdamW, "
+                        "tokenlearner_torch.training) and torch (torch.optim.AdamW fused); default optax")
     p.add_argument("--only", default=None, help="substring of the workload names to run")
     p.add_argument("--out", default=None, help="default benchmarks/results/cpu.md (cuda: gpu.md)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
@@ -764,6 +776,9 @@ def main() -> None:
             _fail(f"{opt} takes a comma-separated list of {', '.join(PRECISIONS)}, got {','.join(precs)!r}")
         if not cuda and "tf32" in precs:
             _fail(f"{opt} tf32 needs --device cuda (CPUs have no TF32; XLA CPU computes float32 dots in float32)")
+    args.optimizers = tuple(args.optimizer.split(","))
+    if not args.optimizers or any(k not in train_rows.OPTIMIZERS for k in args.optimizers):
+        _fail(f"--optimizer takes a comma-separated list of {', '.join(train_rows.OPTIMIZERS)}, got {args.optimizer!r}")
     for opt, value in (("--batches", args.batches), ("--train-batches", args.train_batches)):
         if value is not None and not all(b.strip().isdigit() and int(b) > 0 for b in value.split(",")):
             _fail(f"{opt} takes comma-separated positive integers, got {value!r}")
@@ -784,6 +799,10 @@ def main() -> None:
         args.warmup = 1 if args.quick or not cuda else WARMUP_CUDA
     if args.quick:
         args.no_memory = True
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    selected = {n: s for n, s in workloads.items() if not (args.only and args.only not in n)}
+    if not selected:
+        _fail(f"--only {args.only!r} matches no workload; the workloads are: {'; '.join(workloads)}")
     if args.out is None:
         args.out = str(ROOT / "benchmarks" / "results" / ("gpu.md" if cuda else "cpu.md"))
     torch.manual_seed(0)
@@ -805,10 +824,6 @@ def main() -> None:
     def batches_of(value: Optional[str], default: list[int]) -> list[int]:
         return [int(b) for b in value.split(",")] if value else default
 
-    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
-    selected = {n: s for n, s in workloads.items() if not (args.only and args.only not in n)}
-    if not selected:
-        _fail(f"--only {args.only!r} matches no workload; the workloads are: {'; '.join(workloads)}")
     vit_batches = batches_of(args.batches, [2] if args.quick else ([8, 64] if cuda else [1, 8]))
     train_batches = batches_of(args.train_batches, [2] if args.quick else ([64] if cuda else [8]))
     rows = []
@@ -839,7 +854,7 @@ def main() -> None:
                         rows.append(train_rows.bench_train(
                             name, with_precision(base, prec), b, args.repeats,
                             ("compiled", "cudagraphs") if compile_ else (), log, ENV, args.device, prec,
-                            warmup=args.warmup, backend=args.backend,
+                            warmup=args.warmup, backend=args.backend, optimizers=args.optimizers,
                         ))
                     after_row()
     mem: dict = {}

@@ -10,12 +10,13 @@ Both sides start from the same weights (the Flax tree through ``flax_to_torch``)
   parameter are compared in the benchmark itself (scaled like the goldens: max|port - Flax| / max(1,
   max|Flax|), worst leaf named) for every port column.
 * **full step**: the same plus the optimiser. Scenic: ``optax.adamw`` applied inside one jitted step
-  (params and optimiser state donated, as Scenic's ``train_step``). Port: ``torch.optim.AdamW`` with the same
-  hyper-parameters (:data:`ADAMW`), ``fused=True``. torch's AdamW and optax's compute the same update
-  (bias-corrected moments, eps added to sqrt(v_hat), decay decoupled and scaled by the learning rate, applied
-  to the pre-step parameters); they round in a different order. The benchmark checks it: one torch step
-  against ``optax.adamw`` fed the port's own gradients (so only the optimisers differ), scaled parameter
-  error printed.
+  (params and optimiser state donated, as Scenic's ``train_step``). Port, one line per ``optimizers`` entry
+  (:data:`OPTIMIZERS`), same hyper-parameters (:data:`ADAMW`): ``optax`` = the project's optax-order AdamW
+  (``tokenlearner_torch.training.scenic_optimizer``, what ``ScenicTrainer`` steps with: optax's update
+  order and rounding, per-parameter tensor ops); ``torch`` = ``torch.optim.AdamW(..., fused=True)`` (one
+  fused kernel; the same update in exact arithmetic, rounded in another order). Each is checked in the
+  benchmark: one step against ``optax.adamw`` fed the port's own gradients (so only the optimisers
+  differ), scaled parameter error printed.
 * **memory**: a fresh process per (workload, implementation) runs one forward + backward at the row's batch
   after building the model (port: parameters materialised; Flax: compiled). CPU: peak RSS during the step
   minus RSS before it; CUDA: ``torch.cuda.max_memory_allocated()`` / jax ``memory_stats()['peak_bytes_in_use']``
@@ -41,10 +42,14 @@ __all__ = ["ADAMW", "bench_train", "train_memory_child", "torch_loss", "make_ada
 #: AdamW hyper-parameters of the full-step rows, both sides (optax.adamw names). Scenic's ImageNet
 #: TokenLearner config uses 'adam' with weight_decay (optax adamw) and b1/b2 0.9/0.999.
 ADAMW = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4)
-OPTIMIZER_NOTE = (
-    "port: torch.optim.AdamW(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, fused=True); "
-    "Scenic: optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4) in one jitted step"
-)
+#: The port's optimisers of the full-step rows (label, one line of code).
+OPTIMIZERS = {
+    "optax": ("optax-order AdamW", 'tokenlearner_torch.training.scenic_optimizer({"optimizer": "adamw", '
+              '"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4}, lambda step: 1e-3, specs)'),
+    "torch": ("torch AdamW fused", "torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), "
+              "eps=1e-8, weight_decay=1e-4, fused=True)"),
+}
+OPTIMIZER_NOTE = "Scenic: optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4) in one jitted step"
 
 
 def labels(batch: int, num_classes: int, seed: int = 0) -> np.ndarray:
@@ -56,13 +61,26 @@ def torch_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def make_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """torch's AdamW with :data:`ADAMW`; fused (one kernel for all parameters) where the device has it."""
+def make_adamw(model: torch.nn.Module, kind: str = "torch") -> torch.optim.Optimizer:
+    """AdamW with :data:`ADAMW`: ``kind`` 'optax' (the project's optax-order chain) or 'torch' (fused)."""
     h = ADAMW
-    return torch.optim.AdamW(
-        model.parameters(), lr=h["learning_rate"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-        weight_decay=h["weight_decay"], fused=True,
-    )
+    if kind == "torch":
+        return torch.optim.AdamW(
+            model.parameters(), lr=h["learning_rate"], betas=(h["b1"], h["b2"]), eps=h["eps"],
+            weight_decay=h["weight_decay"], fused=True,
+        )
+    if kind != "optax":
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    from tokenlearner_torch.training.optim import named_specs, scenic_optimizer
+    from tokenlearner_torch.weights_convert.mapping import iter_leaves, torch_to_flax
+    from tokenlearner_torch.weights_convert.layouts import flatten_tree
+
+    # As ScenicTrainer builds them: Flax paths and Flax ranks (masks and global norms use the Flax view).
+    flat = flatten_tree(torch_to_flax(model))
+    named = dict(model.named_parameters())
+    specs = named_specs([(path, named[key], np.ndim(flat[path])) for key, path in iter_leaves(model)])
+    cfg = {"optimizer": "adamw", **{k: h[k] for k in ("b1", "b2", "eps", "weight_decay")}}
+    return scenic_optimizer(cfg, lambda step: h["learning_rate"], specs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -132,15 +150,16 @@ def tree_error(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ref_tre
     return worst, where
 
 
-def adamw_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One torch AdamW step against optax.adamw fed the same (port) gradients: scaled parameter error."""
+def adamw_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> float:
+    """One step of the port's AdamW (``kind``) against optax.adamw fed the same (port) gradients: scaled
+    parameter error."""
     import jax
     import optax
     from tokenlearner_torch.weights_convert import torch_to_flax
     from tokenlearner_torch.weights_convert.layouts import flatten_tree
 
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    opt = make_adamw(model)
+    opt = make_adamw(model, kind)
     port_fwd_bwd(model, model, x, y)()
     grads = port_grads(model)
     opt.step()
@@ -171,7 +190,7 @@ def _compile_col(model: torch.nn.Module, device: str, column: str, backend: Opti
 # --------------------------------------------------------------------------------------------------------
 def bench_train(name: str, spec: dict, batch: int, repeats: int, columns: tuple[str, ...], log, env,
                 device: str = "cpu", prec: str = "highest", warmup: int = 1,
-                backend: Optional[str] = None) -> dict:
+                backend: Optional[str] = None, optimizers: tuple[str, ...] = ("optax",)) -> dict:
     """Forward + backward and full-step timings, interleaved round by round, with the checks above.
 
     ``env``: bench_speed's helpers (flax, port, inputs, jax_inputs, timed, mode, jax_precision).
@@ -224,11 +243,10 @@ def bench_train(name: str, spec: dict, batch: int, repeats: int, columns: tuple[
         loss = run()
         row[f"grad_err_{col}"], row[f"grad_worst_{col}"] = tree_error(model, port_grads(model), grads_ref)
         row[f"loss_err_{col}"] = abs(float(loss.detach()) - row["loss"]) / max(1.0, abs(row["loss"]))
-    row["adamw_err"] = adamw_error(model, x, y)
+    row["adamw_err"] = {k: adamw_error(model, x, y, k) for k in optimizers}
+    opts = {k: make_adamw(model, k) for k in optimizers}
 
-    opt = make_adamw(model)
-
-    def step_of(run):
+    def step_of(run, opt):
         def step():
             loss = run()
             opt.step()
@@ -249,8 +267,9 @@ def bench_train(name: str, spec: dict, batch: int, repeats: int, columns: tuple[
     for col, run in fwd_bwd.items():
         fns[f"fwd_bwd:{col}"] = run
     fns["fwd_bwd:flax"] = jax_grad
-    for col, run in fwd_bwd.items():
-        fns[f"step:{col}"] = step_of(run)
+    for k, opt in opts.items():
+        for col, run in fwd_bwd.items():
+            fns[f"step[{k}]:{col}"] = step_of(run, opt)
     fns["step:flax"] = jax_step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "donated buffers were not usable" on backends without donation
@@ -265,8 +284,8 @@ def bench_train(name: str, spec: dict, batch: int, repeats: int, columns: tuple[
     log(f"  train {name} b={batch} {prec}: "
         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row["times"].items())
         + "; grad err " + ", ".join(f"{c} {row[f'grad_err_{c}']:.1e}" for c in fwd_bwd)
-        + f"; adamw err {row['adamw_err']:.1e}")
-    del model, opt, fwd_bwd, fns
+        + "; adamw err " + ", ".join(f"{k} {v:.1e}" for k, v in row["adamw_err"].items()))
+    del model, opts, fwd_bwd, fns
     return row
 
 

@@ -1,0 +1,158 @@
+"""benchmarks/bench_speed.py end to end on a tiny model: every row kind runs, and its built-in checks hold.
+
+The benchmark checks the port against the Flax reference itself (outputs, every gradient, the optimiser
+step); this test runs it with ``--quick`` (a tiny TokenLearner ViT, batch 2, one round) and reads those
+checks back from the table, so a broken training row, recipe or check fails here and not on the lead's
+quiet machine. ``--backend aot_eager`` keeps inductor's C++ build out of the test (seconds, not minutes);
+the recipes' inductor options are checked separately.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("optax")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_speed.py"
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+def test_quick_run_all_rows(tmp_path):
+    out = tmp_path / "quick.md"
+    # Inference in bf16 only (the float32 inference path is the same code, and the goldens cover it), training
+    # at both precisions with both optimisers.
+    res = _run("--quick", "--backend", "aot_eager", "--precision", "bf16", "--train-precision", "highest,bf16",
+               "--optimizer", "optax,torch", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = out.read_text()
+    assert "Command: `python benchmarks/bench_speed.py --quick" in text
+    # inference rows: both precisions, eager and compiled, errors within the modes' tolerances
+    infer = re.findall(r"^\| tiny TokenLearner ViT \(smoke test\) \| 2 \| (highest|bf16) \|(.*)$", text, re.M)
+    infer = [(p, cells) for p, cells in infer if "forward" not in cells and "full step" not in cells]
+    assert [p for p, _ in infer] == ["bf16"]
+    for prec, cells in infer:
+        errs = [float(e) for e in cells.rstrip(" |").split("|")[-1].split("/")]
+        assert len(errs) == 2 and 0 < max(errs) < 3e-2, (prec, cells)  # bf16: close to Scenic, not float32
+    # training rows: forward + backward and a full step per optimiser, at both precisions
+    grads = re.findall(r"\| (highest|bf16) \| forward \+ backward \|.*\| grad ([0-9.e+-]+) / ([0-9.e+-]+) "
+                       r"\(([0-9.e+-]+)\) \|$", text, re.M)
+    assert [g[0] for g in grads] == ["highest", "bf16"], text
+    for prec, eager, compiled, tol in grads:
+        assert float(eager) < float(tol) and float(compiled) < float(tol), (prec, eager, compiled, tol)
+        assert float(eager) > 0 or prec == "highest"  # bf16 must differ a little from float32; not a copy
+    steps = re.findall(r"\| (highest|bf16) \| full step, (.*?) \|.*step vs optax\.adamw ([0-9.e+-]+) \|$",
+                       text, re.M)
+    assert sorted((p, o) for p, o, _ in steps) == [
+        ("bf16", "optax-order AdamW"), ("bf16", "torch AdamW fused"),
+        ("highest", "optax-order AdamW"), ("highest", "torch AdamW fused"),
+    ]
+    for prec, opt, err in steps:
+        assert float(err) < 1e-6, (prec, opt, err)  # same gradients: only the optimisers' rounding differs
+    # every timed cell is a number, and the recipes are printed under the table
+    assert "| error: " not in text
+    assert 'torch.compile(model, fullgraph=True, dynamic=False, options={"freezing": True})' in text
+    assert "optax.adamw(1e-3" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rows", "inference"], "--rows takes a comma-separated list of infer, train"),
+        (["--precision", "tf32"], "--precision tf32 needs --device cuda"),
+        (["--train-precision", "fp8"], "--train-precision takes a comma-separated list of"),
+        (["--train-batches", "0"], "--train-batches takes comma-separated positive integers"),
+        (["--optimizer", "sgd"], "--optimizer takes a comma-separated list of optax, torch"),
+        (["--quick", "--only", "nothing-like-this"], "--only 'nothing-like-this' matches no workload"),
+    ],
+)
+def test_bad_options_one_line(args, message, tmp_path):
+    out = tmp_path / "never.md"
+    res = _run(*args, "--out", str(out), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: ") and message in lines[0], res.stderr
+    assert not out.exists()
+
+
+def test_cuda_without_gpu_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: this test is about the message on a CPU-only machine")
+    res = _run("--device", "cuda", "--rows", "train", "--out", str(tmp_path / "gpu.md"), timeout=300)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: --device cuda: torch"), res.stderr
+
+
+def _bench_modules():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_speed
+    import recipes
+
+    return bench_speed, recipes
+
+
+def test_recipes_table():
+    """Every cell's recipe is the documented one-liner, and what it runs is that line's torch.compile call."""
+    _, recipes = _bench_modules()
+    cpu_infer = recipes.recipe("cpu", "infer", "compiled")
+    assert cpu_infer.line == 'torch.compile(model, fullgraph=True, dynamic=False, options={"freezing": True})'
+    assert cpu_infer.kwargs == {"fullgraph": True, "dynamic": False, "options": {"freezing": True}}
+    assert recipes.recipe("cpu", "train", "compiled").kwargs == {"fullgraph": True, "dynamic": False}
+    assert recipes.recipe("cpu", "infer", "cudagraphs") is None  # no CUDA graphs on a CPU
+    for kind in ("infer", "train"):
+        graphs = recipes.recipe("cuda", kind, "cudagraphs")
+        assert graphs.kwargs["mode"] == "reduce-overhead" and 'mode="reduce-overhead"' in graphs.line
+        assert recipes.recipe("cuda:0", kind, "compiled").kwargs == {"fullgraph": True, "dynamic": False}
+    with pytest.raises(ValueError, match="workload must be 'infer' or 'train'"):
+        recipes.recipe("cpu", "serve", "compiled")
+
+
+def test_cudagraph_recipe_runs_where_there_is_no_gpu():
+    """The CUDA-graph recipe's code path (mark_step_begin, mode='reduce-overhead') runs eagerly-equal on CPU,
+    where inductor skips the graphs: the GPU run cannot fail on a typo there."""
+    import torch
+
+    bench_speed, recipes = _bench_modules()
+    spec = bench_speed.QUICK_WORKLOADS["tiny TokenLearner ViT (smoke test)"]
+    model = bench_speed._port(spec, None).train()
+    x = torch.randn(2, 32, 32, 3)
+    y = torch.tensor([1, 2])
+    import train_rows
+
+    eager = train_rows.port_fwd_bwd(model, model, x, y)
+    loss_e = eager()
+    grads_e = train_rows.port_grads(model)
+    torch._dynamo.reset()
+    graphs = recipes.recipe("cuda", "train", "cudagraphs").apply(model, backend="aot_eager")
+    loss_g = train_rows.port_fwd_bwd(model, graphs, x, y, cudagraphs=True)()
+    torch.testing.assert_close(loss_g, loss_e)
+    for k, g in train_rows.port_grads(model).items():
+        torch.testing.assert_close(g, grads_e[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak-RSS reset is Linux-only")
+@pytest.mark.parametrize("impl", ["port", "flax"])
+def test_train_memory_child(impl):
+    """The training-memory measurement of one side runs in-process and reports the RSS it read (a tiny model's
+    step may fit in pages already held: >= 0) and the gradient buffers' size, the model's parameter bytes."""
+    bench_speed, _ = _bench_modules()
+    name = "tiny TokenLearner ViT (smoke test)"
+    out = bench_speed.memory_child(name, impl, 2, "cpu", "highest", "train")
+    n_params = sum(p.numel() for p in bench_speed._port(bench_speed.QUICK_WORKLOADS[name], None).parameters())
+    assert out["activation_mib"] >= 0 and out["before_mib"] > 10, out  # the process holds torch (and jax)
+    assert out["grad_mib"] == pytest.approx(n_params * 4 / 2**20), out
