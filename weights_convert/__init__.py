@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing
 
 from tokenlearner_torch._lazy import lazy_exports
 
@@ -20,6 +20,7 @@ from .readers import read_checkpoint, read_checkpoint_info
 
 # The names below need torch and are imported on first access (PEP 562): reading a checkpoint needs no
 # torch, and `tokenlearner-convert` imports torch in a background thread while it reads (see convert.py).
+# A new public name that needs torch goes here (and into __all__ and the TYPE_CHECKING imports below).
 _LAZY = {
     "flax_to_torch": ".mapping",
     "torch_to_flax": ".mapping",
@@ -39,10 +40,11 @@ __all__ = [
     "to_flax_checkpoint",
 ]
 
-if TYPE_CHECKING:  # pragma: no cover
+if typing.TYPE_CHECKING:  # pragma: no cover
     from .export import to_flax_checkpoint
     from .mapping import flax_to_torch, torch_to_flax
     from .pretrained import load_pretrained
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+del annotations, typing, lazy_exports  # the namespace holds the public API only (dir() shows nothing else either)

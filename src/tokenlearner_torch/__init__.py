@@ -7,7 +7,7 @@ parameter tree); :func:`from_scenic` builds one from a Scenic class name and kwa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing
 
 from ._lazy import lazy_exports
 from .errors import CheckpointError, ConfigError, ConversionError, ShapeError, TokenLearnerError
@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 # The public names and the submodule defining each, imported on first access (see _lazy.py): so that
 # `tokenlearner-convert` can read a checkpoint while torch is still being imported in another thread.
+# A new public name goes here (and into the TYPE_CHECKING imports below); a new public subpackage into
+# _SUBMODULES.
 _LAZY = {
     "from_scenic": ".scenic",
     "numerics": ".numerics_mode",
@@ -44,7 +46,10 @@ __all__ = [
     "CheckpointError",
 ]
 
-if TYPE_CHECKING:  # pragma: no cover
+# Public subpackages, reachable as attributes (`tokenlearner_torch.weights_convert.convert`) without an import.
+_SUBMODULES = ("errors", "weights_convert")
+
+if typing.TYPE_CHECKING:  # pragma: no cover
     from .intermediates import capture_intermediates
     from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock, MultiHeadDotProductAttention
     from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
@@ -54,4 +59,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .weights_convert.pretrained import load_pretrained
 
 
-__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), _SUBMODULES)
+del annotations, typing, lazy_exports  # the namespace holds the public API only (dir() shows nothing else either)
