@@ -28,10 +28,11 @@ HUB_EXTRA = "pip install 'tokenlearner-torch[hub]'"
 _LIBRARY = "tokenlearner-torch"
 _REPO_URL = "https://github.com/google-research/scenic/tree/main/scenic/projects/token_learner"
 _PAPER_URL = "https://arxiv.org/abs/2106.11297"
-# Port options that change what the inputs mean; the folder format holds Scenic's fields only, so a model
-# built with one of them set cannot be saved faithfully (the other keyword-only arguments give shapes,
-# which the weights carry).
-_LAYOUT_OPTIONS = ("channels_first",)
+# Keyword-only port options that change what the inputs mean or how the module computes (MlpBlock's compute
+# dtype; elsewhere ``dtype`` is a Scenic field and is stored). The folder format holds Scenic's fields only,
+# so a module built with one of them set cannot be saved faithfully; the other keyword-only arguments
+# (dim, in_dim, input_shape(s)) give shapes, which the weights carry.
+_UNSTORED_OPTIONS = ("channels_first", "dtype")
 
 M = TypeVar("M", bound=nn.Module)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -81,8 +82,8 @@ class HubMixin:
         arguments = self.__dict__.get("_hub_init_arguments", {})
         fields = _scenic_parameters(cls)
         params = inspect.signature(cls.__init__).parameters
-        for name in _LAYOUT_OPTIONS:
-            if name in arguments and arguments[name] != params[name].default:
+        for name in _UNSTORED_OPTIONS:
+            if name in arguments and name not in fields and arguments[name] != params[name].default:
                 raise ConfigError(
                     f"{cls.__name__}: {name}={arguments[name]!r} is a port option the folder format does not "
                     f"store (config.json holds Scenic's fields); save a model built without it and pass {name} "

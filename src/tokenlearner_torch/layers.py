@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ShapeError
+from .hub import HubMixin
 from . import flax_numerics
 from . import initializers as init
 from .numerics_mode import get_layer_norm_numerics
@@ -435,7 +436,7 @@ def _drop_path(x: Tensor, rate: float) -> Tensor:
 torch.fx.wrap("_drop_path")
 
 
-class MlpBlock(nn.Module):
+class MlpBlock(HubMixin, nn.Module):
     """Scenic ``attention_layers.MlpBlock``: Dense_0 -> gelu -> Dropout -> Dense_1 -> Dropout.
 
     Shapes: [..., in] -> [..., out_dim or in]. Kernels xavier-uniform, biases N(0, 1e-6) (Scenic's defaults).
@@ -555,7 +556,7 @@ def _check_heads(x: Tensor, h: int) -> Tensor:
 torch.fx.wrap("_check_heads")
 
 
-class Encoder1DBlock(nn.Module):
+class Encoder1DBlock(HubMixin, nn.Module):
     """Scenic ``vit.Encoder1DBlock``: pre-LN self-attention and MLP, each with a residual. [B, N, C] -> same.
 
     ``dtype`` (Scenic ``dtype``): the LayerNorms, attention and MLP compute in it; the residual stream stays
@@ -594,7 +595,7 @@ class Encoder1DBlock(nn.Module):
         return self.StochasticDepth_1(y) + x
 
 
-class AddPositionEmbs(_LazyShapes):
+class AddPositionEmbs(HubMixin, _LazyShapes):
     """Scenic ``vit.AddPositionEmbs``: adds a learned ``pos_embedding`` [1, N, C], init N(0, 0.02)."""
 
     def __init__(self, num_positions: Optional[int] = None, dim: Optional[int] = None) -> None:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import initializers as init
 from .errors import ConfigError, ShapeError
+from .hub import HubMixin
 from .layers import (
     AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, HeadsProjection, Identity, LayerNorm, _check_rank,
 )  # fmt: skip
@@ -169,7 +170,7 @@ class _Encoder(nn.Module):
         return self.Dropout_0(self.posembed_input(inputs))
 
 
-class EncoderMod(_Encoder):
+class EncoderMod(HubMixin, _Encoder):
     """Scenic ``EncoderMod``: a ViT encoder with one TokenLearner before ``encoderblock_<tokenlearner_loc>``.
 
     ``forward(inputs [B, T*N, C]) -> [B, T*num_tokens, C]`` (or [B, T*N, C] when no TokenLearner applies:
@@ -220,7 +221,7 @@ class EncoderMod(_Encoder):
         return self.encoder_norm(x)
 
 
-class EncoderModFuser(_Encoder):
+class EncoderModFuser(HubMixin, _Encoder):
     """Scenic ``EncoderModFuser``: TokenLearner -> block -> TokenFuser (+ residual) at every layer >= loc.
 
     ``forward(inputs [B, T*N, C]) -> [B, T*N, C]``. Scenic behaviour kept: each such layer gets a fresh
@@ -324,7 +325,7 @@ class _TokenizerSpec:
             )
 
 
-class TokenLearnerViT(nn.Module):
+class TokenLearnerViT(HubMixin, nn.Module):
     """Scenic ``TokenLearnerViT``: patch embedding -> EncoderMod(Fuser) -> pooling -> head.
 
     ``forward(x) -> logits [B, num_classes]``, with ``x`` [B, H, W, C] for ``patch``/``dynamic`` tokenizers
@@ -473,7 +474,7 @@ def _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate, attent
     )
 
 
-class TokenLearnerViTRepresentation(nn.Module):
+class TokenLearnerViTRepresentation(HubMixin, nn.Module):
     """Scenic ``TokenLearnerViTRepresentation``: the encoder's tokens, no head.
 
     ``forward(x [B, H, W, C] or [B, T, H, W, C]) -> [B, tokens, hidden_size]``: frames are embedded one by one

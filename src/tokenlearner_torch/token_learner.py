@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import initializers as init
 from .errors import ShapeError
+from .hub import HubMixin
 from .layers import Conv, Dense, Dropout, LayerNorm, MlpBlock, gelu
 from .shapes import build_parameters
 
@@ -72,7 +73,7 @@ torch.fx.wrap("_grid")
 torch.fx.wrap("_fuser_original")
 
 
-class TokenLearnerModule(nn.Module):
+class TokenLearnerModule(HubMixin, nn.Module):
     """TokenLearner v1 (the paper's module): [B, H, W, C] or square [B, H*H, C] -> [B, num_tokens, C].
 
     LayerNorm -> 3 x (Conv 3x3 SAME, no bias, gelu) -> Conv 3x3 -> sigmoid gives one spatial map per token;
@@ -113,7 +114,7 @@ class TokenLearnerModule(nn.Module):
         return out if self.use_sum_pooling else out / feat.shape[1]
 
 
-class TokenLearnerModuleV11(nn.Module):
+class TokenLearnerModuleV11(HubMixin, nn.Module):
     """TokenLearner v1.1: [B, H, W, C] (any H, W) or [B, N, C] -> [B, num_tokens, C].
 
     LayerNorm -> MlpBlock ``token_masking`` (C -> bottleneck_dim -> num_tokens) -> softmax over positions;
@@ -149,7 +150,7 @@ class TokenLearnerModuleV11(nn.Module):
         return torch.bmm(selected, feat)
 
 
-class TokenFuser(nn.Module):
+class TokenFuser(HubMixin, nn.Module):
     """TokenFuser: mixes the learned tokens back onto the positions of ``original``.
 
     ``forward(inputs [B, S, C], original [B, N, C] or [B, H, W, C]) -> [B, N, C]``. Scenic quirk kept: the
