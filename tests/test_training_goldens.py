@@ -55,9 +55,12 @@ def test_surgery_matches_scenic(name):
 
 def test_steps_match_scenic(run):
     case, _, logs, _ = run
+    # The learning rate relative to the run's largest: a cosine near its end loses relative precision in
+    # float32 (1 + cos(x) cancels), in Scenic as in the port.
+    lr_scale = max(max(abs(r["learning_rate"]) for r in case.steps), 1e-12)
     for k, (log, ref) in enumerate(zip(logs, case.steps)):
         assert abs(log["loss"] - ref["loss"]) <= LOSS_RTOL * abs(ref["loss"]), (case.name, k, log["loss"], ref["loss"])
-        assert abs(log["learning_rate"] - ref["learning_rate"]) <= LR_TOL * max(abs(ref["learning_rate"]), 1e-3), (
+        assert abs(log["learning_rate"] - ref["learning_rate"]) <= LR_TOL * lr_scale, (
             case.name, k, log["learning_rate"], ref["learning_rate"])
         g_ref = ref["grad_norm_pre_clip"]
         assert abs(log["grad_norm"] - g_ref) <= GRAD_NORM_RTOL * g_ref, (case.name, k, log["grad_norm"], g_ref)
