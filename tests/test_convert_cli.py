@@ -297,7 +297,7 @@ def test_summary_says_where_each_field_came_from(tmp_path, capsys):
 
 def test_python_api_mismatch_keeps_every_entry(tmp_path):
     from tokenlearner_torch.weights_convert import ConversionReport, convert
-    from tokenlearner_torch.weights_convert.mismatch import ParamsMismatchError
+    from tokenlearner_torch.weights_convert import ParamsMismatchError
 
     g, other = Golden("vit_image_cls"), Golden("vit_video_3dconv")
     rep = ConversionReport()

@@ -4,6 +4,7 @@
 * :func:`read_checkpoint` / :func:`read_checkpoint_info`: the parameter tree of a checkpoint (no jax needed).
 * :func:`infer_architecture`: the Scenic class and kwargs a parameter tree determines, and what it leaves open.
 * :func:`convert`: a checkpoint to a folder (``model.safetensors`` + ``config.json``), as ``tokenlearner-convert``.
+* :class:`ParamsMismatchError`: a tree that does not fit the model (a ``ConversionError`` with every problem).
 * :func:`load_pretrained`: such a folder back as a module, loaded strictly.
 * :func:`to_flax_checkpoint`: a module or folder to a Flax msgpack checkpoint Scenic restores (bitwise).
 """
@@ -16,6 +17,7 @@ from tokenlearner_torch._lazy import lazy_exports
 
 from .convert import ConversionReport, convert
 from .infer import infer_architecture
+from .mismatch import ParamsMismatchError
 from .readers import read_checkpoint, read_checkpoint_info
 
 # The names below need torch and are imported on first access (PEP 562): reading a checkpoint needs no
@@ -36,6 +38,7 @@ __all__ = [
     "infer_architecture",
     "convert",
     "ConversionReport",
+    "ParamsMismatchError",
     "load_pretrained",
     "to_flax_checkpoint",
 ]
