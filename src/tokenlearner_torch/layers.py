@@ -169,7 +169,8 @@ def _refuse_lazy_state_dict(module: _LazyShapes, prefix: str, keep_vars: bool) -
     lazy = module.lazy_parameter_names()
     if lazy:
         names = ", ".join(prefix + n for n in lazy)
-        raise ShapeError(f"state_dict: {names} has no shape yet (it comes from the model's input): {_LAZY_HINT}")
+        verb = "have" if len(lazy) > 1 else "has"
+        raise ShapeError(f"state_dict: {names} {verb} no shape yet (it comes from the model's input): {_LAZY_HINT}")
 
 
 def _check_features(x: Tensor, n: int, who: str) -> Tensor:
