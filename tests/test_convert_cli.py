@@ -127,6 +127,26 @@ def test_subtree_of_a_larger_model(tmp_path, capsys):
         assert scaled_error(model(x).numpy(), ref) < TOL
 
 
+def test_verify_catches_a_written_difference(tmp_path, capsys, monkeypatch):
+    from tokenlearner_torch.weights_convert import writer
+
+    real = writer._leaf_bytes
+
+    def one_bit_off(planned, scratch):  # the sign bit of one element: -0.0 vs 0.0 only a bitwise check sees
+        data = real(planned, scratch)
+        if planned.flax_path != "Transformer/encoder_norm/bias":
+            return data
+        wrong = bytearray(data)
+        wrong[3] ^= 0x80
+        return memoryview(bytes(wrong))
+
+    monkeypatch.setattr(writer, "_leaf_bytes", one_bit_off)
+    g = Golden("vit_image_cls")
+    assert main([str(g.dir / "checkpoint"), "-o", str(tmp_path / "out"), "--config", str(g.dir / "config.json"), "--verify", "-q"]) == 1
+    err = _one_line_error(capsys)
+    assert "verify: 1 leaves differ from the source" in err and err.rstrip().endswith("Transformer/encoder_norm/bias")
+
+
 def test_bf16_kept_or_cast(tmp_path, capsys):
     import ml_dtypes
 
