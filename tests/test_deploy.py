@@ -81,7 +81,7 @@ def test_torch_export_dynamic_batch(case):
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [op for op in ops if "nextafter" in op or "item" in op]  # no XLA-order LayerNorm, no host sync
     exported = program.module()
-    for b in (1, 3, 16, 256):
+    for b in (1, 16, 256):
         for shift in SHIFTS if b < 256 else (50.0,):
             xs = case.inputs(b, seed=b, shift=shift)
             with torch.no_grad():
