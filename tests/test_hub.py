@@ -106,6 +106,20 @@ def test_bfloat16_model_round_trip(tmp_path):
     _state_equal(model, loaded)
 
 
+def test_reset_classifier_is_saved_and_a_changed_module_refused(tmp_path):
+    """The folder describes the module as it is now: a new head (timm's reset_classifier) is saved with its
+    class count; a module whose structure no longer matches its constructor arguments is refused."""
+    model = _vit()
+    model.reset_classifier(3)
+    model.save_pretrained(tmp_path / "three")
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["constructor_kwargs"]["num_classes"] == 3
+    _state_equal(model, tl.load_pretrained(tmp_path / "three"))
+    model.reset_classifier(0)  # no head: not a Scenic TokenLearnerViT any more
+    with pytest.raises(ConfigError, match="changed since construction.*output_projection"):
+        model.save_pretrained(tmp_path / "headless")
+    assert not (tmp_path / "headless").exists()
+
+
 def test_errors(converted, tmp_path):
     with pytest.raises(ConfigError, match="holds a TokenLearnerViT, not a TokenFuser"):
         tl.TokenFuser.from_pretrained(converted)

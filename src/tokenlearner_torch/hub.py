@@ -89,8 +89,33 @@ class HubMixin:
                     f"store (config.json holds Scenic's fields); save a model built without it and pass {name} "
                     "when you build the model that loads the weights"
                 )
+        if "num_classes" in arguments and isinstance(getattr(self, "num_classes", None), int):
+            arguments = {**arguments, "num_classes": self.num_classes}  # reset_classifier() changes the head
         kwargs = {name: _jsonable(value, name) for name, value in arguments.items() if name in fields}
         return {"scenic_class": dotted, "constructor_kwargs": kwargs, "format_version": FORMAT_VERSION}
+
+    def _check_config_fits(self, config: Mapping[str, Any]) -> None:
+        """The module ``config`` describes has this module's parameter names and shapes (a module changed
+        after construction, e.g. a removed head, would otherwise be saved as a folder that cannot load)."""
+        from .weights_convert.pretrained import build_skeleton
+
+        assert isinstance(self, nn.Module)
+        try:
+            skeleton = build_skeleton(config["scenic_class"], config["constructor_kwargs"])
+        except ValueError as exc:
+            raise ConfigError(f"{type(self).__name__}: its constructor arguments no longer describe it ({exc})") from None
+        mine = dict(self.named_parameters())
+        theirs = dict(skeleton.named_parameters())
+        differ = sorted(set(mine) ^ set(theirs)) or [
+            k for k, p in theirs.items()
+            if not isinstance(p, nn.parameter.UninitializedParameter) and tuple(p.shape) != tuple(mine[k].shape)
+        ]  # fmt: skip
+        if differ:
+            raise ConfigError(
+                f"{type(self).__name__}: changed since construction; config.json would describe another module "
+                f"(parameters that differ: {', '.join(differ[:4])}); the folder format holds Scenic's "
+                "constructor fields only"
+            )
 
     def _saveable_config(self) -> dict[str, Any]:
         """:meth:`hub_config`, after checking that every parameter has its shape (a lazy module cannot be saved)."""
@@ -102,6 +127,7 @@ class HubMixin:
                 f"{type(self).__name__}: parameters without a shape yet ({', '.join(lazy[:3])}...): build the "
                 "model with its input shapes (from_scenic(..., input_shapes=...)) or run it once before saving"
             )
+        self._check_config_fits(config)
         return config
 
     def _write_folder(self, save_directory: Path) -> None:
