@@ -1,0 +1,85 @@
+"""``torch.compile(fullgraph=True, dynamic=True)``: one graph, no graph breaks, no recompiles across batch sizes.
+
+What a training loop with a ragged last batch or a server with varying batch sizes needs: the first call
+compiles, later batch sizes reuse the graph. Checked with dynamo's own counters on tiny models (aot_eager:
+no C++ build), for inference and for forward + backward, with and without the TokenFuser. Batch 1 is left
+out on purpose: dynamo specialises sizes 0 and 1 by design.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import tokenlearner_torch as tl
+
+TINY = dict(
+    num_classes=10, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=16,
+    classifier="gap", dropout_rate=0.0, attention_dropout_rate=0.0,
+    tokenizer=dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1,
+                   use_tokenfuse=False, use_v11=True),
+)
+BATCHES = (2, 3, 5)
+
+
+def _model(use_tokenfuse: bool, dtype: str = "float32") -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = {**TINY, "dtype": dtype, "tokenizer": {**TINY["tokenizer"], "use_tokenfuse": use_tokenfuse}}
+    model = tl.from_scenic("TokenLearnerViT", kwargs, input_shapes=[(32, 32, 3)])
+    with torch.no_grad():  # the zero-initialised head would make every comparison trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _compiled(model):
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    return torch.compile(model, backend=cnt, fullgraph=True, dynamic=True), cnt
+
+
+def _no_breaks_no_recompiles(cnt, after_first: int) -> None:
+    # The first call may hand the backend more than one graph of the same frame: under dynamic=True dynamo
+    # traces Python floats (dropout rates, LayerNorm epsilon) symbolically, then restarts once to specialise
+    # them (_tensorify_python_scalars). What matters is that later batch sizes compile nothing.
+    assert after_first >= 1
+    assert cnt.frame_count == after_first, f"batch sizes {BATCHES[1:]} compiled {cnt.frame_count - after_first} more"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+@pytest.mark.parametrize("use_tokenfuse, dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")])
+def test_inference_one_graph_across_batches(use_tokenfuse, dtype):
+    model = _model(use_tokenfuse, dtype).eval()
+    compiled, cnt = _compiled(model)
+    after_first = None
+    for b in BATCHES:
+        x = torch.randn(b, 32, 32, 3)
+        with torch.inference_mode():
+            out, ref = compiled(x), model(x)
+        after_first = after_first or cnt.frame_count
+        assert out.shape == (b, 10)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    _no_breaks_no_recompiles(cnt, after_first)
+
+
+def test_training_one_graph_across_batches():
+    """Forward + backward of a loss (the benchmark's B/16 structure: TokenLearner, no fuser): the same
+    gradients as eager, one graph for every batch size."""
+    model = _model(False).train()
+    compiled, cnt = _compiled(model)
+    after_first = None
+    for b in BATCHES:
+        x, y = torch.randn(b, 32, 32, 3), torch.randint(0, 10, (b,))
+        grads = []
+        for fn in (compiled, model):
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(fn(x), y).backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        after_first = after_first or cnt.frame_count
+        for k in grads[1]:
+            torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    _no_breaks_no_recompiles(cnt, after_first)
