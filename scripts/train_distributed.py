@@ -51,9 +51,12 @@ def batches(steps: int, global_batch: int, seed: int = 1) -> Iterator[tuple[torc
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    # Scenic's AdamW recipe: no weight decay on 1-D parameters (biases, LayerNorm scales).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # Scenic's AdamW recipe: no weight decay where Scenic's mask skips it (Flax rank-1 parameters: biases and
+    # LayerNorm scales; the attention q/k/v biases are [heads, head_dim] in Flax and are decayed).
+    inner = getattr(model, "module", model)  # DDP wraps the model; FSDP2 shards it in place
+    skip = inner.no_weight_decay()
+    decay = [p for n, p in inner.named_parameters() if n not in skip]
+    no_decay = [p for n, p in inner.named_parameters() if n in skip]
     # eps 1e-6 rather than 1e-8: a few gradients are mathematically zero in Scenic's architecture (attention
     # key biases, softmax-invariant biases, the normalised TokenFuser's Dense_0 bias) and hold rounding noise,
     # which Adam divides by its own square root; a larger eps keeps that noise from moving weights by ~lr.
