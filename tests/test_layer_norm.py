@@ -144,3 +144,20 @@ def test_parity_harness_selects_the_layer_norm_numerics():
         assert settings["tokenlearner.layer_norm_numerics"] == "fused"
         torch.testing.assert_close(ln(x), torch.nn.functional.layer_norm(x, (48,), ln.weight, ln.bias, 1e-6),
                                    rtol=0, atol=0)  # fmt: skip
+
+
+def test_compiled_graph_follows_a_mode_switch():
+    """torch.compile guards on the numerics mode: switching it recompiles instead of reusing the old graph."""
+    from tokenlearner_torch import flax_numerics
+
+    ln = LayerNorm(48)
+    x = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(4)) + 100
+    torch._dynamo.reset()
+    compiled = torch.compile(ln, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        fused = compiled(x)
+        with tl.numerics("xla_cpu"):
+            xla = compiled(x)
+    torch.testing.assert_close(fused, torch.nn.functional.layer_norm(x, (48,), eps=1e-6), rtol=0, atol=1e-6)
+    torch.testing.assert_close(xla, flax_numerics.layer_norm(x, ln.weight, ln.bias, 1e-6), rtol=0, atol=2e-6)
+    assert (fused - xla).abs().max() > 1e-4  # the two modes differ on this input, so the check can fail
