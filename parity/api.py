@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -266,7 +267,9 @@ def _same_model(folder: Path, converted: Mapping[str, Any], against: str, config
     b_kw = _flat_kwargs(_plain(config.get("constructor_kwargs", {})))
     if a_cls == b_cls and a_kw == b_kw:
         return
-    keys = sorted(k for k in set(a_kw) | set(b_kw) if a_kw.get(k, "unset") != b_kw.get(k, "unset"))
+    telling = ("tokenizer.type", "tokenizer.patches.size", "hidden_size", "num_layers", "num_heads", "num_classes")
+    keys = sorted((k for k in set(a_kw) | set(b_kw) if a_kw.get(k, "unset") != b_kw.get(k, "unset")),
+                  key=lambda k: (telling.index(k) if k in telling else len(telling), k))
 
     def words(cls: str, kw: Mapping[str, Any]) -> str:
         if a_cls != b_cls or not keys:
@@ -339,6 +342,8 @@ def _reference_run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda line: None)
+    if "flax" not in sys.modules:
+        say("importing jax and flax")
     _require_jax()
     from tokenlearner_torch.errors import CheckpointError
     from tokenlearner_torch.weights_convert.readers import read_checkpoint
@@ -354,7 +359,7 @@ def _reference_run(
     call_kwargs = dict(config.get("call_kwargs") or default_call_kwargs(config["scenic_class"]))
     cls, kwargs = config["scenic_class"], config["constructor_kwargs"]
     notes: list[str] = []
-    say(f"building the reference: {_model_words(config)} ({R.reference_name(prefer_genuine)})")
+    say(f"building the reference {_model_words(config)}: {R.reference_name(prefer_genuine)}")
     with precision(m, use_jax=True) as settings:
         module = R.reference_module(cls, kwargs, m, prefer_genuine=prefer_genuine)
         if checkpoint is not None and is_converted_folder(checkpoint):
@@ -564,19 +569,23 @@ def record(
     overwrite: bool = False,
     prefer_genuine: bool = True,
     fast_compile: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a case of your model, computed by the Flax reference, in the goldens' format.
 
     Commit the folder and run ``tokenlearner-parity check`` on it in CI (no jax needed there). In mode
     ``f64`` the arrays are float64 and ``check`` then verifies to 1e-10. ``copy_checkpoint``: also copy
     ``checkpoint`` into the case's ``checkpoint/`` (``check`` then loads the weights from it).
+    ``progress``: called with a line per phase.
     """
     import flax
     import jax
 
     m = get_mode(mode)
     r = _reference_run(config_or_case, checkpoint, inputs, input_shapes, m, "cpu", seed, True,
-                       prefer_genuine, True, compare_port=False, fast_compile=fast_compile)
+                       prefer_genuine, True, compare_port=False, fast_compile=fast_compile, progress=progress)
+    if progress:
+        progress(f"writing the case {out_dir}")
     config = r["config"]
     params = r["params"]
     if m.array_dtype == "float64":
@@ -644,12 +653,14 @@ def assert_parity(
     device: str = "cpu",
     *,
     live_reference: bool | None = None,
+    accuracy: str = "auto",
     **kwargs: Any,
 ) -> Report:
     """Assert that the port equals the Flax reference; return the :class:`Report`.
 
-    A case folder with stored outputs is checked without jax (:func:`check_case`) unless
-    ``live_reference=True`` or a ``checkpoint`` / ``inputs`` is given; anything else runs :func:`live`.
+    A case folder with stored outputs is checked without jax (:func:`check_case`, the plain rule) unless
+    ``live_reference=True`` or a ``checkpoint`` / ``inputs`` is given; anything else runs :func:`live`
+    (with the accuracy rule ``accuracy``: ``"auto"``, ``"always"`` or ``"off"``, see :func:`live`).
     Raises ``AssertionError`` whose message is the report's text when any tensor differs.
     """
     stored = (
@@ -658,13 +669,15 @@ def assert_parity(
         and checkpoint is None
         and inputs is None
     )
+    if accuracy not in ACCURACY_CHOICES:
+        raise CaseError(f"unknown accuracy {accuracy!r}; expected one of {', '.join(ACCURACY_CHOICES)}")
     if live_reference is None:
         live_reference = not stored
     if not live_reference:
         report = check_case(config_or_case, mode=mode, device=device, **kwargs)
     else:
         report = live(config_or_case, checkpoint=checkpoint, inputs=inputs, mode=mode or "f32", device=device,
-                      **kwargs)
+                      accuracy=accuracy, **kwargs)
     if not report.passed:
         raise AssertionError(report.to_text())
     return report

@@ -388,13 +388,13 @@ class Report:
 
     def accuracy_line(self) -> str:
         """How the verdict was reached, in one line."""
-        plain = "plain rule: scaled error <= tol"
+        plain = "rules: plain (scaled error <= tol)"
         if self.accuracy == "applied":
-            return (f"verdict: {plain}; else accuracy rule: |port - f64| <= |ref - f64| + tol * scale "
-                    "elementwise (f64: the reference run in float64 on the same weights and inputs)")
+            return (f"{plain}, else accuracy (elementwise |port - f64| <= |ref - f64| + tol * scale; f64: the "
+                    "reference run in float64 on the same weights and inputs)")
         if self.accuracy == "not needed":
-            return f"verdict: {plain} (every tensor passed it; no float64 reference run needed)"
-        return f"verdict: {plain} (no float64 result here, so no accuracy rule)"
+            return f"{plain}; every tensor passed it, so no float64 reference run was needed"
+        return f"{plain}; no float64 result here (stored case, mode f64 or accuracy off), so no accuracy rule"
 
     def to_text(self, *, verbose: bool = False, max_rows: int = 40) -> str:
         """A readable table. Without ``verbose`` passing rows are elided after ``max_rows``, failures never."""

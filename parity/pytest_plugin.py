@@ -16,8 +16,11 @@ Then::
         parity.live("configs/my_model.json", mode="f64")   # needs jax + flax
 
 The ``parity`` fixture raises ``AssertionError`` carrying the full report when a tensor differs; its
-``device`` comes from ``--parity-device`` (default cpu) and ``check`` / ``live`` / ``assert_parity``
-return the :class:`~tokenlearner_torch.parity.compare.Report`. Heavy imports happen only when used.
+``device`` comes from ``--parity-device`` (default cpu), the accuracy rule of ``live`` from
+``--parity-accuracy`` (auto, always, off; default auto: a tensor failing the plain rule passes when the
+port is elementwise as close to a float64 reference run as the reference is), and ``check`` / ``live`` /
+``assert_parity`` return the :class:`~tokenlearner_torch.parity.compare.Report`. Heavy imports happen only
+when used.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def parity_cases(root: str | os.PathLike[str], *, marks: Any = ()) -> list[Any]:
 class ParityHelper:
     """What the ``parity`` fixture returns."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", accuracy: str = "auto") -> None:
         self.device = device
+        self.accuracy = accuracy
 
     def check(self, case: str | os.PathLike[str], **kwargs: Any):
         """Assert that the port matches a stored case (no jax); returns the report."""
@@ -64,6 +68,7 @@ class ParityHelper:
         from .api import live
 
         kwargs.setdefault("device", self.device)
+        kwargs.setdefault("accuracy", self.accuracy)
         report = live(config_or_case, **kwargs)
         if not report.passed:
             raise AssertionError(report.to_text())
@@ -73,6 +78,7 @@ class ParityHelper:
         from .api import assert_parity
 
         kwargs.setdefault("device", self.device)
+        kwargs.setdefault("accuracy", self.accuracy)
         return assert_parity(*args, **kwargs)
 
 
@@ -80,6 +86,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("tokenlearner-parity")
     group.addoption("--parity-device", default=None, choices=("cpu", "cuda"),
                     help="device of the `parity` fixture (default cpu)")
+    group.addoption("--parity-accuracy", default=None, choices=("auto", "always", "off"),
+                    help="accuracy rule of parity.live / parity.assert_parity (default auto: a float64 reference "
+                    "run when a tensor fails the plain rule)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -90,4 +99,5 @@ def pytest_configure(config: pytest.Config) -> None:
 def parity(request: pytest.FixtureRequest) -> ParityHelper:
     """Assert helpers of the parity harness: ``parity.check(case)``, ``parity.live(config)``."""
     device = request.config.getoption("--parity-device", default=None) or "cpu"
-    return ParityHelper(device)
+    accuracy = request.config.getoption("--parity-accuracy", default=None) or "auto"
+    return ParityHelper(device, accuracy)

@@ -195,3 +195,86 @@ def test_live_without_jax_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pip install" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# The accuracy rule (compare.py), the plain rule of stored cases, one convention for both commands
+# ------------------------------------------------------------------------------------------------------
+def test_accuracy_rule_passes_a_port_closer_to_float64_than_the_reference():
+    from tokenlearner_torch.parity.compare import compare_tensor
+
+    exact = np.array([0.5, -0.25, 1.0, 0.125])
+    ref = exact + np.array([0.0, 3e-2, 0.0, 1e-7])  # the reference is off at one ill-conditioned element
+    port = exact + np.array([1e-7, 1e-5, -1e-7, 0.0])
+    plain = compare_tensor("t", "intermediate", "m", port, ref, 1e-4)
+    assert plain.verdict == "FAIL" and plain.port_vs_f64 is None
+    row = compare_tensor("t", "intermediate", "m", port, ref, 1e-4, exact=exact)
+    assert row.verdict == "PASS" and row.rule == "accuracy" and row.reference_less_accurate
+    assert row.port_vs_f64 == pytest.approx(1e-5) and row.ref_vs_f64 == pytest.approx(3e-2)
+    assert row.max_abs == pytest.approx(3e-2 - 1e-5)  # the plain distance is still reported
+    ok = compare_tensor("t", "intermediate", "m", ref + 1e-6, ref, 1e-4, exact=exact)
+    assert ok.verdict == "PASS" and ok.rule == "plain" and not ok.reference_less_accurate
+
+
+def test_accuracy_rule_is_elementwise():
+    """A port error at one element cannot hide behind a larger reference error at another element (a rule
+    on the two maxima, max|port - f64| <= max|ref - f64| + tol, would pass this port)."""
+    from tokenlearner_torch.parity.compare import _describe, compare_tensor
+
+    exact = np.zeros(4)
+    ref = np.array([3e-2, 0.0, 0.0, 0.0])
+    port = np.array([0.0, 1e-2, 0.0, 0.0])  # exact where the reference is off, wrong elsewhere
+    row = compare_tensor("t", "gradient", "m", port, ref, 1e-4, exact=exact)
+    assert row.port_vs_f64 < row.ref_vs_f64
+    assert row.verdict == "FAIL" and row.rule == "" and row.excess_vs_f64 == pytest.approx(1e-2)
+    assert "vs float64: port 1.00e-02, reference 3.00e-02" in _describe(row)
+
+
+def test_stored_cases_keep_the_plain_rule(tmp_path):
+    code, data = _run_json(["check", str(GOLDENS / "v11_tokens3d")], tmp_path)
+    assert code == 0
+    (rep,) = data["reports"]
+    assert rep["accuracy_rule"] == "unavailable" and rep["passed_by_accuracy_rule"] == []
+    assert {t["rule"] for t in rep["tensors"]} == {"plain"}
+    assert all(t["port_vs_f64"] is None for t in rep["tensors"])
+
+
+def test_help_is_plain_text(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and out.splitlines()[2].startswith("tokenlearner-parity: prove")
+    assert main(["record", "--help"]) == 0
+    record_help = " ".join(capsys.readouterr().out.split())
+    for mode in ("f32", "tf32", "bf16", "f64"):
+        assert mode in record_help.split("--mode", 2)[-1]
+    for option in ("-q, --quiet", "--device", "--tol", "--no-grads", "--json"):
+        assert option in record_help
+
+
+def test_a_missing_source_exits_2_in_both_commands(tmp_path, capsys):
+    """One convention: a usage or input error (here a missing path) exits 2, parity/conversion failure 1."""
+    from tokenlearner_torch.weights_convert.cli import main as convert_main
+
+    missing = str(tmp_path / "nope")
+    assert main(["check", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"tokenlearner-parity: error: {missing}: no such file or folder"
+    assert convert_main([missing, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenlearner-convert: error:") and missing in err and len(err.splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["check", str(tmp_path / "empty")]) == 2
+    assert "holds no case folders" in capsys.readouterr().err
+
+
+def test_check_weights_of_another_model_names_both(tmp_path, capsys):
+    from tokenlearner_torch.weights_convert.cli import main as convert_main
+
+    golden = GOLDENS / "vit_image_cls"
+    out = tmp_path / "image_model"
+    assert convert_main([str(golden / "checkpoint"), "-o", str(out), "--config", str(golden / "config.json"), "-q"]) == 0
+    assert main(["check", str(GOLDENS / "vit_video_3dconv"), "--weights", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "image_model/ holds a TokenLearnerViT with tokenizer.type=dynamic" in err
+    assert "vit_video_3dconv is a TokenLearnerViT with tokenizer.type=video" in err
