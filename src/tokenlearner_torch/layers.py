@@ -238,9 +238,37 @@ class Dense(_LazyShapes):
         else:
             x = _check_features(x, self.in_features, "Dense")
         if self.dtype is not None:
-            bias = None if self.bias is None else self.bias.to(self.dtype)
-            return F.linear(x.to(self.dtype), self.weight.to(self.dtype), bias)
+            weight, bias = self._params_in_dtype()
+            return F.linear(x.to(self.dtype), weight, bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _params_in_dtype(self) -> tuple[Tensor, Optional[Tensor]]:
+        """weight and bias cast to ``dtype`` (Scenic's bf16 policy casts the float32 parameters at every call).
+
+        Where autograd is off (inference), the casts are kept until a parameter changes (an in-place update
+        bumps its version counter; ``.to()`` or ``load_state_dict`` with new storage changes its data
+        pointer): an eager bf16 call otherwise spends about a fifth of its time re-casting every weight
+        (benchmarks/README.md, profile). Same values as casting anew; costs one ``dtype`` copy of the
+        weights while the module lives. With autograd on, or under torch.compile / torch.fx tracing (the
+        graph does the cast), it casts each call.
+        """
+        w, b = self.weight, self.bias
+        if torch.is_grad_enabled() or not isinstance(w, Tensor) or torch.compiler.is_compiling():
+            return w.to(self.dtype), (None if b is None else b.to(self.dtype))
+        key = (self.dtype, w.device, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
+        cache = self.__dict__.get("_cast_cache")
+        if cache is None or cache[0] != key:
+            # Outside inference mode (an inference tensor could not be used later under plain no_grad); and
+            # inference_mode(False) turns autograd back on, so no_grad again: the copies must be plain leaves.
+            with torch.inference_mode(False), torch.no_grad():
+                cache = (key, w.to(self.dtype), None if b is None else b.to(self.dtype))
+            self.__dict__["_cast_cache"] = cache
+        return cache[1], cache[2]
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .half() give the parameters new storage; a later one could reuse an old address.
+        self.__dict__.pop("_cast_cache", None)
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
