@@ -102,3 +102,15 @@ def test_export_dynamic_batch_1_to_256(name):
         xs = _inputs(shapes, n, mean)
         with torch.no_grad():
             torch.testing.assert_close(ep.module()(*xs), model(*xs), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_channels_first_models():
+    torch.manual_seed(0)
+    vit = tl.TokenLearnerViT(**_VIT, tokenizer=_TOK, channels_first=True, input_shape=(3, 32, 32)).eval()
+    v1 = tl.TokenLearnerModule(4, channels_first=True, input_shape=(16, 6, 6))
+    fuser = tl.TokenFuser(channels_first=True, input_shapes=[(4, 16), (16, 6, 6)])
+    for model, shapes in ((vit, [(3, 32, 32)]), (v1, [(16, 6, 6)]), (fuser, [(4, 16), (16, 6, 6)])):
+        gm = torch.fx.symbolic_trace(model)
+        xs = _inputs(shapes, 3, 20.0)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(*xs), model(*xs), rtol=0, atol=0)
