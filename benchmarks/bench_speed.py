@@ -2,9 +2,16 @@
 
 One command::
 
-    python benchmarks/bench_speed.py            # full run (batch 1 and 8, compile, memory): ~15-30 min on 2 cores
-    python benchmarks/bench_speed.py --quick    # batch 1 ViTs, fewer repeats: a few minutes
+    python benchmarks/bench_speed.py            # full run (inference and training rows, compile, memory)
+    python benchmarks/bench_speed.py --rows train --only "B/16 TokenLearner"   # the CPU training rows
+    python benchmarks/bench_speed.py --quick    # smoke test: a tiny TokenLearner ViT, one round (~1 min)
     python benchmarks/bench_speed.py --device cuda   # the same on the first GPU -> benchmarks/results/gpu.md
+
+Training rows (``--rows train``): forward + backward of softmax cross-entropy against Scenic's
+``jax.jit(jax.value_and_grad(loss))`` and a full AdamW step against ``optax.adamw`` in one jitted step, with
+every gradient and the optimiser step checked in the run; see ``train_rows.py``. Every compiled column
+(inference and training, and the CUDA-graph column on cuda) is built from its one-line recipe in
+``recipes.py`` and the recipes are printed under the table.
 
 For every workload: the port is built with ``from_scenic``; Flax parameters are initialised by the reference
 module (genuine Scenic when importable, else ``parity/flax_reference.py``), every all-zero leaf (biases, the
