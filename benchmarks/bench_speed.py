@@ -476,13 +476,14 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
     # The compiled columns, each built by its one-line recipe (recipes.py): "compiled" everywhere, "cudagraphs"
     # (mode="reduce-overhead") on cuda. CPU inference uses inductor's freezing (parameters become constants,
     # so oneDNN gets pre-packed weights); on B/16 batch 8 its output was bitwise eager mode's.
+    # A fresh dynamo cache per row: every row recompiles anyway (new model, batch or precision), and a GPU
+    # run's 8+ compiles of one forward would otherwise reach dynamo's recompile limit and run eager. Once per
+    # row, not per column: a reset between columns would make the first column compile again when timed.
+    torch._dynamo.reset()
     for col in columns if compile_ else ():
         rec = recipe(device, "infer", col)
         if rec is None:
             continue
-        # A fresh dynamo cache per compile: every row recompiles anyway (new model, batch or precision), and a
-        # GPU run's 8+ compiles of one forward would otherwise reach dynamo's recompile limit and run eager.
-        torch._dynamo.reset()
         t0 = time.perf_counter()
         compiled = rec.apply(model, backend=backend)
         graphs = col == "cudagraphs"
