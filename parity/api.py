@@ -25,6 +25,7 @@ from .cases import (
     input_names_for,
     load_case,
     load_json,
+    refuse_nonempty,
     write_case,
 )
 from .compare import F64Result, Report, compare_all
@@ -582,6 +583,7 @@ def record(
     import jax
 
     m = get_mode(mode)
+    refuse_nonempty(out_dir, overwrite)  # before the reference runs
     r = _reference_run(config_or_case, checkpoint, inputs, input_shapes, m, "cpu", seed, True,
                        prefer_genuine, True, compare_port=False, fast_compile=fast_compile, progress=progress)
     if progress:

@@ -192,6 +192,13 @@ def find_cases(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(p.parent for p in root.glob("*/config.json"))
 
 
+def refuse_nonempty(path: str | os.PathLike[str], overwrite: bool) -> None:
+    """Raise :class:`CaseError` when ``path`` is a non-empty folder and ``overwrite`` is False."""
+    path = Path(path)
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise CaseError(f"{path}: exists and is not empty (pass overwrite=True to overwrite it)")
+
+
 def write_case(
     path: str | os.PathLike[str],
     *,
@@ -211,9 +218,7 @@ def write_case(
     from tokenlearner_torch.weights_convert.readers import write_flax_msgpack
 
     path = Path(path)
-    if path.exists():
-        if not overwrite and any(path.iterdir()):
-            raise CaseError(f"{path}: exists and is not empty (pass --force / overwrite=True)")
+    refuse_nonempty(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     config = dict(config)
     config["intermediates"] = list(intermediates)

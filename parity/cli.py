@@ -242,6 +242,9 @@ def _cmd_record(args: argparse.Namespace) -> int:
         raise UsageError("--copy-checkpoint needs --checkpoint")
     if (args.json or args.plot) and not args.check:
         raise UsageError("--json and --plot report the check of the written case: add --check")
+    out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out}: exists and is not empty (pass --force to overwrite it)")
     if args.check:
         _plot_path(args)
     path = record(args.config, args.output, checkpoint=args.checkpoint, inputs=args.inputs,

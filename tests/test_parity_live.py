@@ -111,7 +111,9 @@ def test_record_then_check_round_trip(mode, tmp_path, capsys):
         assert report.max_error(structural=True) <= 1e-10
     # the recorded case is checked without jax too (see test_parity_check) and refuses to be overwritten
     assert main(["record", str(cfg), "-o", str(case)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().endswith("exists and is not empty (pass --force to overwrite it)")
+    with pytest.raises(api.CaseError, match=r"not empty \(pass overwrite=True to overwrite it\)$"):
+        api.record(cfg, case)
 
 
 def test_record_with_checkpoint_copies_it(tmp_path):
