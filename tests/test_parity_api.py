@@ -86,7 +86,8 @@ def test_documented_pytest_example_runs(tmp_path):
     (tmp_path / "tests" / "test_port_parity.py").write_text(test)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not live", str(tmp_path / "tests")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not live", "--parity-accuracy", "always",
+         str(tmp_path / "tests")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
