@@ -302,8 +302,13 @@ def train_memory_child(spec: dict, impl: str, batch: int, device: str, prec: str
         model = env.port(spec, None).to(device).train()
         x = torch.from_numpy(xs[0]).to(device)
         y = torch.from_numpy(ys).long().to(device)
-        run = port_fwd_bwd(model, model, x[:1], y[:1])
-        run()  # materialises lazy parameters; on cuda creates the cuBLAS/cuDNN handles
+        if cuda:  # creates the cuBLAS/cuDNN handles and workspaces of forward and backward: kept, not activations
+            port_fwd_bwd(model, model, x[:1], y[:1])()
+        else:
+            # Forward only: a backward here would allocate and free a set of gradients, and freed heap pages
+            # may stay in RSS (glibc), hiding the measured step's own gradient buffers.
+            with torch.no_grad():
+                model(x[:1])
         run = port_fwd_bwd(model, model, x, y)
         for p in model.parameters():
             p.grad = None
