@@ -639,11 +639,11 @@ def render(rows: list[dict], mem: dict, args, header: str) -> str:
             what = "fresh process; peak RSS during the call minus RSS just before it, MiB"
         fmt = lambda x: "—" if x is None else (x if isinstance(x, str) else f"{x:.0f}")  # noqa: E731
         for kind, title in (("infer", "one inference call"),
-                            ("train", "one training forward + backward (gradient buffers included, both sides)")):
+                            ("train", "one training forward + backward, gradient buffers included on both sides")):
             items = [(k, v) for k, v in mem.items() if k[2] == kind]
             if not items:
                 continue
-            lines += ["", f"Peak memory of {title} ({what}):", "",
+            lines += ["", f"Peak memory of {title}; {what}:", "",
                       "| workload | batch | precision | port eager | Flax jit |", "|---|---|---|---|---|"]
             for (w, b, _, q), v in items:
                 lines.append(f"| {w} | {b} | {q} | {fmt(v.get('port'))} | {fmt(v.get('flax'))} |")
@@ -675,8 +675,8 @@ def render(rows: list[dict], mem: dict, args, header: str) -> str:
         ]
         return "\n".join(lines) + "\n"
     lines += [
-        f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported. "
-        "Flax runs `jax.jit(module.apply)` under `jax_default_matmul_precision='highest'` (what the parity harness "
+        f"Repeats per cell: {args.repeats}, interleaved (one call of each column per round), median reported, "
+        f"after {args.warmup} warm-up round(s). Flax runs `jax.jit(module.apply)` (training: `jax.jit(jax.value_and_grad(loss))`) under `jax_default_matmul_precision='highest'` (what the parity harness "
         "uses; on CPU XLA computes float32 dots in float32 at every precision setting, so 'highest' costs nothing "
         "there). Errors are max|port - Flax| / max(1, max|Flax|). Floor = GFLOP / peak matmul rate measured in "
         "the same rounds (2048³ float32 torch matmul).",

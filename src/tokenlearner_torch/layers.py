@@ -253,12 +253,12 @@ class Dense(_LazyShapes):
         bumps its version counter; ``.to()`` or ``load_state_dict`` with new storage changes its data
         pointer): an eager bf16 call otherwise spends about a fifth of its time re-casting every weight
         (benchmarks/README.md, profile). Same values as casting anew; costs one ``dtype`` copy of the
-        weights while the module lives. With autograd on, under torch.compile / torch.fx tracing (the graph
-        does the cast), or for tensor subclasses (DTensor, proxies), it casts each call.
+        weights while the module lives. With autograd on, under torch.compile / torch.fx / torch.jit tracing
+        (the graph does the cast), or for tensor subclasses (DTensor, proxies), it casts each call.
         """
         w, b = self.weight, self.bias
         plain = type(w) in _PLAIN_TENSORS and (b is None or type(b) in _PLAIN_TENSORS) and w.device.type != "meta"
-        if torch.is_grad_enabled() or not plain or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or not plain or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return w.to(self.dtype), (None if b is None else b.to(self.dtype))
         key = (self.dtype, w.device, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
         cache = self.__dict__.get("_cast_cache")
