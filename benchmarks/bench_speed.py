@@ -761,9 +761,9 @@ def main() -> None:
     p.add_argument("--batches", default=None,
                    help="comma-separated ViT inference batch sizes (default 1,8; cuda: 8,64)")
     p.add_argument("--train-batches", default=None, help="comma-separated training batch sizes (default 8; cuda: 64)")
-    p.add_argument("--optimizer", default="optax",
+    p.add_argument("--optimizer", default="optax,torch",
                    help="full-step rows: comma-separated, of optax (the project's optax-order AdamW, "
-                        "tokenlearner_torch.training) and torch (torch.optim.AdamW fused); default optax")
+                        "tokenlearner_torch.training) and torch (torch.optim.AdamW fused); default both")
     p.add_argument("--only", default=None, help="substring of the workload names to run")
     p.add_argument("--out", default=None, help="default benchmarks/results/cpu.md (cuda: gpu.md)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
