@@ -156,3 +156,32 @@ def test_train_memory_child(impl):
     n_params = sum(p.numel() for p in bench_speed._port(bench_speed.QUICK_WORKLOADS[name], None).parameters())
     assert out["activation_mib"] >= 0 and out["before_mib"] > 10, out  # the process holds torch (and jax)
     assert out["grad_mib"] == pytest.approx(n_params * 4 / 2**20), out
+
+
+def test_render_cuda_tables():
+    """The GPU table layout (CUDA-graph column, training lines, memory bounds) from rows shaped like a GPU
+    run's, so a GPU session does not find a formatting error after its measurements."""
+    import types
+
+    bench_speed, _ = _bench_modules()
+    args = types.SimpleNamespace(device="cuda", repeats=20, warmup=3, backend=None, optimizers=("optax", "torch"),
+                                 precs=("bf16",), train_precs=("bf16",))
+    infer = dict(workload="B/16 TokenLearner", batch=8, precision="bf16", flops=2.0e11, peak_gflops=4.0e5,
+                 err_eager=1e-2, err_compiled=1e-2, err_cudagraphs=1e-2,
+                 times=dict(eager=0.008, compiled=0.004, cudagraphs=0.002, flax=0.0028, matmul=0.001))
+    train = dict(workload="B/16 TokenLearner", batch=64, precision="bf16", kind="train", tolerance=0.17,
+                 grad_err_eager=0.01, grad_err_compiled=0.01, grad_err_cudagraphs=0.2,
+                 grad_worst_cudagraphs="Transformer/encoder_norm/scale", adamw_err={"optax": 3e-8, "torch": 1e-7},
+                 times={"fwd_bwd:eager": 0.03, "fwd_bwd:compiled": 0.02, "fwd_bwd:cudagraphs": 0.019,
+                        "fwd_bwd:flax": 0.0228, "step[optax]:eager": 0.05, "step[optax]:compiled": 0.04,
+                        "step[optax]:cudagraphs": 0.039, "step[torch]:eager": 0.033, "step[torch]:compiled": 0.022,
+                        "step[torch]:cudagraphs": 0.021, "step:flax": 0.025})
+    mem = {("B/16 TokenLearner", 64, "train", "bf16"): {"port": 3000.0, "flax": "≤ 9000"}}
+    text = bench_speed.render([infer, train], mem, args, "header")
+    assert "| port eager ms | port compiled ms | port CUDA graphs ms | Flax jit ms |" in text
+    assert "| B/16 TokenLearner | 8 | bf16 | 8.000 | 4.000 | 2.000 | 2.800 | 0.35x | 0.70x | 1.40x |" in text
+    assert "| forward + backward | 30.000 | 20.000 | 19.000 | 22.800 | 0.76x | 1.14x | 1.20x |" in text
+    assert "**over: cudagraphs at Transformer/encoder_norm/scale**" in text
+    assert "| full step, torch AdamW fused | 33.000 | 22.000 | 21.000 | 25.000 |" in text
+    assert "| B/16 TokenLearner | 64 | bf16 | 3000 | ≤ 9000 |" in text
+    assert 'mode="reduce-overhead")`' in text
