@@ -4,6 +4,8 @@
     python benchmarks/profile_step.py --dtype bfloat16       # Scenic's dtype='bfloat16' policy
     python benchmarks/profile_step.py --kind infer --batch 1
     python benchmarks/profile_step.py --quick                # the tiny smoke-test ViT (seconds)
+    python benchmarks/profile_step.py --compile --layers 3   # inductor's kernels (bench_speed's training
+                                                             # recipe) on B/16 widths with 3 blocks
 
 Prints shares, not times: the self time of each op as a share of the profiled total, and the same grouped
 into kinds (matmuls, attention, LayerNorm, casts and copies, ...). Shares stay meaningful on a busy machine,
@@ -31,6 +33,7 @@ KINDS = [
     ("matmul / linear", ("addmm", "aten::mm", "aten::bmm", "matmul", "linear", "baddbmm")),
     ("convolution", ("convolution", "conv2d", "conv3d", "mkldnn_conv")),
     ("LayerNorm", ("layer_norm",)),
+    ("inductor fused kernels", ("cpp_fused", "CompiledFxGraph", "CompiledFunction", "inductor")),
     ("casts and copies", ("aten::to", "_to_copy", "aten::copy_", "aten::clone", "contiguous", "aten::empty_like")),
     ("gelu / softmax / sigmoid", ("gelu", "softmax", "sigmoid", "tanh")),
     ("reductions", ("aten::sum", "aten::mean", "aten::amax", "aten::max")),
@@ -53,28 +56,39 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def build(quick: bool, dtype: str):
+def build(quick: bool, dtype: str, layers=None):
     import bench_speed
 
     spec = (bench_speed.QUICK_WORKLOADS if quick else bench_speed.WORKLOADS)[
         "tiny TokenLearner ViT (smoke test)" if quick else "B/16 TokenLearner (16 tok @9, V1.1)"
     ]
     spec = bench_speed.with_precision(spec, "bf16" if dtype == "bfloat16" else "highest")
+    if layers is not None:  # same widths, fewer blocks; the TokenLearner keeps its relative place (9 of 12)
+        kw = spec["kwargs"]
+        loc = max(1, round(kw["tokenizer"]["tokenlearner_loc"] * layers / kw["num_layers"]))
+        spec = {**spec, "kwargs": {**kw, "num_layers": layers,
+                                   "tokenizer": {**kw["tokenizer"], "tokenlearner_loc": min(loc, layers - 1)}}}
     return spec, bench_speed._port(spec, None)
 
 
-def profile(model, x, y, kind: str, steps: int):
+def profile(model, x, y, kind: str, steps: int, compile_: bool = False):
     from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn = model
+    if compile_:
+        from recipes import recipe
+
+        fn = recipe("cpu", kind, "compiled").apply(model)
 
     def step():
         if kind == "infer":
             with torch.inference_mode():
-                model(x)
+                fn(x)
             return
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x).float(), y).backward()
+        F.cross_entropy(fn(x).float(), y).backward()
 
-    step()  # warm-up: allocator, oneDNN primitives
+    step()  # warm-up: compiles; allocator, oneDNN primitives
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -101,21 +115,26 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=1, help="profiled steps after one warm-up (default 1)")
     p.add_argument("--top", type=int, default=15, help="ops listed (default 15)")
     p.add_argument("--quick", action="store_true", help="the tiny smoke-test ViT instead of B/16")
+    p.add_argument("--layers", type=int, default=None, help="B/16 widths with this many blocks (compiles faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="profile the compiled model (bench_speed's CPU recipe for --kind) instead of eager")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = 2 if args.quick else 8
-    if args.batch < 1 or args.steps < 1 or args.top < 1:
-        print("profile_step.py: error: --batch, --steps and --top must be positive", file=sys.stderr)
+    if args.batch < 1 or args.steps < 1 or args.top < 1 or (args.layers is not None and args.layers < 2):
+        print("profile_step.py: error: --batch, --steps and --top must be positive, --layers at least 2",
+              file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    spec, model = build(args.quick, args.dtype)
+    spec, model = build(args.quick, args.dtype, args.layers)
     model = model.train() if args.kind == "train" else model.eval()
     x = torch.randn(*spec["inputs"](args.batch)[0])
     y = torch.randint(0, spec["kwargs"]["num_classes"], (args.batch,))
-    prof = profile(model, x, y, args.kind, args.steps)
+    prof = profile(model, x, y, args.kind, args.steps, args.compile)
     ops, by_kind = shares(prof)
     what = "training step (forward + backward)" if args.kind == "train" else "inference call"
-    name = "tiny ViT" if args.quick else "B/16 TokenLearner"
+    name = "tiny ViT" if args.quick else "B/16 TokenLearner" + (f" ({args.layers} blocks)" if args.layers else "")
+    name += ", compiled" if args.compile else ", eager"
     print(f"Op-level profile: {name}, {what}, batch {args.batch}, {args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; shares of total self CPU time over {args.steps} step(s).\n")
     print("| kind | share |\n|---|---|")

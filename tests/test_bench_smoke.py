@@ -185,3 +185,17 @@ def test_render_cuda_tables():
     assert "| full step, torch AdamW fused | 33.000 | 22.000 | 21.000 | 25.000 |" in text
     assert "| B/16 TokenLearner | 64 | bf16 | 3000 | ≤ 9000 |" in text
     assert 'mode="reduce-overhead")`' in text
+
+
+def test_profile_step_quick(capsys):
+    """benchmarks/profile_step.py on the tiny ViT: shares per kind that add up to the whole step."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import profile_step
+
+    assert profile_step.main(["--quick", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    kinds = re.findall(r"^\| ([A-Za-z /()]+) \| ([0-9.]+)% \|$", out, re.M)
+    assert ("matmul / linear" in dict(kinds)) and abs(sum(float(v) for _, v in kinds) - 100) < 0.5, out
+    assert profile_step.kind_of("aten::addmm") == "matmul / linear"
+    assert profile_step.kind_of("aten::_to_copy") == "casts and copies"
+    assert profile_step.main(["--quick", "--layers", "1"]) == 2
