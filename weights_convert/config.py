@@ -177,8 +177,9 @@ def _stand_in_ml_collections() -> types.ModuleType:
     return mod
 
 
-def _run_get_config(path: Path) -> Any:
-    """Execute a Scenic config module and return ``get_config()``."""
+def _run_get_config(path: Path, arg: str | None = None) -> Any:
+    """Execute a Scenic config module and return ``get_config()``, or ``get_config(arg)`` for ``file.py:ARG``
+    (as ml_collections' config_flags do: Scenic's ``:runlocal``)."""
     injected: dict[str, types.ModuleType] = {}
     try:
         import ml_collections  # noqa: F401
@@ -200,8 +201,10 @@ def _run_get_config(path: Path) -> Any:
         get_config = getattr(module, "get_config", None)
         if not callable(get_config):
             raise ConfigError(f"{path}: defines no get_config() (expected a Scenic experiment config)")
+        if arg is not None and not inspect.signature(get_config).parameters:
+            raise ConfigError(f"{path}: get_config() takes no argument, but ':{arg}' was given")
         try:
-            return get_config()
+            return get_config() if arg is None else get_config(arg)
         except Exception as exc:
             raise ConfigError(f"{path}: get_config() failed ({type(exc).__name__}: {str(exc)[:100]})") from None
     finally:

@@ -4,8 +4,6 @@ or a ``.json`` file, always into plain nested dicts (the one form the training c
 from __future__ import annotations
 
 import copy
-import importlib.util
-import inspect
 import json
 import os
 from pathlib import Path
@@ -42,22 +40,9 @@ def cfg_get(cfg: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any
 
 
 def _from_py(path: Path, arg: str | None) -> Any:
-    spec = importlib.util.spec_from_file_location(f"_scenic_config_{abs(hash(str(path)))}", path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"{path}: cannot be imported as a Python config file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as e:
-        raise ConfigError(f"{path}: importing it failed ({e}); Scenic configs need ml_collections (pip install ml_collections)") from e
-    get_config = getattr(module, "get_config", None)
-    if not callable(get_config):
-        raise ConfigError(f"{path}: expected a get_config() function (a Scenic experiment config file)")
-    takes_arg = len(inspect.signature(get_config).parameters) > 0
-    if arg is not None and not takes_arg:
-        raise ConfigError(f"{path}: get_config() takes no argument, but ':{arg}' was given")
-    # As ml_collections' config_flags: `file.py:ARG` calls get_config(ARG) (Scenic's `:runlocal`).
-    return get_config(arg) if arg is not None else get_config()
+    from ..weights_convert.config import _run_get_config  # the converter's reader: one way to run a config file
+
+    return _run_get_config(path, arg)
 
 
 def load_config(config: Any) -> dict[str, Any]:
