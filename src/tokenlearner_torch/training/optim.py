@@ -86,12 +86,23 @@ def clip_grads(grads: Sequence[Tensor], max_norm: float) -> tuple[list[Tensor], 
 
 
 class Transform:
-    """One optax GradientTransformation on lists of tensors; state lives in per-parameter dicts."""
+    """One optax GradientTransformation on lists of tensors; state lives in per-parameter dicts.
+
+    The maths runs as multi-tensor (``torch._foreach_*``) ops over the list, one elementwise op at a time in
+    optax's order, so every intermediate is rounded to float32 exactly where optax rounds it (no fused
+    multiply-adds: ``addcmul``/``lerp``/``add(alpha=)`` would round differently). ``owned`` says the incoming
+    updates are scratch tensors of this step that may be overwritten in place (never ``p.grad`` or state).
+    """
 
     def init(self, specs: Sequence[ParamSpec], states: Sequence[dict]) -> None:  # pragma: no cover - trivial
         pass
 
     def update(self, updates: list[Tensor], specs: Sequence[ParamSpec], states: Sequence[dict]) -> list[Tensor]:
+        return self._update(list(updates), specs, states, owned=False)[0]
+
+    def _update(self, updates: list[Tensor], specs: Sequence[ParamSpec], states: Sequence[dict],
+                owned: bool) -> tuple[list[Tensor], bool]:  # fmt: skip
+        """The new updates and whether they are this step's own scratch tensors."""
         raise NotImplementedError
 
 
@@ -108,8 +119,12 @@ class _Counted(Transform):
         return int(states[0][self.key]) if states else 0
 
     def _advance(self, states) -> None:
+        if not states:
+            return
+        # One new tensor shared by all parameters (state_dict saves a copy per parameter, as before).
+        new = states[0][self.key] + 1
         for s in states:
-            s[self.key] = s[self.key] + 1
+            s[self.key] = new
 
 
 class ScaleByAdam(_Counted):
@@ -126,26 +141,49 @@ class ScaleByAdam(_Counted):
             s["nu"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
 
     @staticmethod
-    def _bias_correction(decay: float, count: int, like: Tensor) -> Tensor:
-        # optax: 1 - decay**count evaluated in float32 (pow of two float32 values).
-        return 1 - torch.pow(torch.tensor(decay, dtype=torch.float32), torch.tensor(float(count), dtype=torch.float32)).to(like.dtype)
+    def _bias_correction(decay: float, count: int) -> float:
+        # optax: 1 - decay**count evaluated in float32 (pow of two float32 values); the float32 result is
+        # exact as a Python float, so dividing by it below divides by the same float32 number.
+        pw = torch.pow(torch.tensor(decay, dtype=torch.float32), torch.tensor(float(count), dtype=torch.float32))
+        return float(1 - pw)
 
-    def update(self, updates, specs, states):
+    def _update(self, updates, specs, states, owned):
+        if not updates:
+            return updates, owned
         count = self._count(states) + 1
-        out = []
-        for g, s in zip(updates, states):
-            mu = _f32(1 - self.b1, g) * g + _f32(self.b1, g) * s["mu"]
-            nu = _f32(1 - self.b2, g) * (g * g) + _f32(self.b2, g) * s["nu"]
-            if self.nesterov:
-                mu_hat = _f32(self.b1, g) * (mu / self._bias_correction(self.b1, count + 1, g)) + _f32(1 - self.b1, g) * (
-                    g / self._bias_correction(self.b1, count, g))
-            else:
-                mu_hat = mu / self._bias_correction(self.b1, count, g)
-            nu_hat = nu / self._bias_correction(self.b2, count, g)
-            out.append(mu_hat / (torch.sqrt(nu_hat + _f32(self.eps_root, g)) + _f32(self.eps, g)))
-            s["mu"], s["nu"] = mu, nu
+        g = updates
+        mu, nu = [s["mu"] for s in states], [s["nu"] for s in states]
+        # optax's update_moment: (1-b1)*g + b1*mu, each product rounded, then the sum (add commutes).
+        tmp = torch._foreach_mul(g, 1 - self.b1)
+        torch._foreach_mul_(mu, self.b1)
+        torch._foreach_add_(mu, tmp)
+        # update_moment_per_elem_norm: (1-b2)*(g*g) + b2*nu.
+        sq = torch._foreach_mul(g, g)
+        torch._foreach_mul_(sq, 1 - self.b2)
+        torch._foreach_mul_(nu, self.b2)
+        torch._foreach_add_(nu, sq)
+        if self.nesterov:
+            # b1*(mu/(1-b1^(t+1))) + (1-b1)*(g/(1-b1^t))
+            out = torch._foreach_div(mu, self._bias_correction(self.b1, count + 1))
+            torch._foreach_mul_(out, self.b1)
+            torch._foreach_copy_(tmp, g)
+            torch._foreach_div_(tmp, self._bias_correction(self.b1, count))
+            torch._foreach_mul_(tmp, 1 - self.b1)
+            torch._foreach_add_(out, tmp)
+        else:
+            out = torch._foreach_div(mu, self._bias_correction(self.b1, count))
+        del tmp
+        # mu_hat / (sqrt(nu/(1-b2^t) + eps_root) + eps), nu_hat built in the scratch of g*g.
+        nu_hat = sq
+        torch._foreach_copy_(nu_hat, nu)
+        torch._foreach_div_(nu_hat, self._bias_correction(self.b2, count))
+        if self.eps_root != 0.0:  # x + 0.0 == x for the non-negative nu_hat
+            torch._foreach_add_(nu_hat, self.eps_root)
+        torch._foreach_sqrt_(nu_hat)
+        torch._foreach_add_(nu_hat, self.eps)
+        torch._foreach_div_(out, nu_hat)
         self._advance(states)
-        return out
+        return out, True
 
 
 class Trace(Transform):
@@ -158,14 +196,18 @@ class Trace(Transform):
         for spec, s in zip(specs, states):
             s["trace"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
 
-    def update(self, updates, specs, states):
-        out = []
-        for g, s in zip(updates, states):
-            d = _f32(self.decay, g)
-            t = g + d * s["trace"]
-            s["trace"] = t
-            out.append(g + d * t if self.nesterov else t)
-        return out
+    def _update(self, updates, specs, states, owned):
+        if not updates:
+            return updates, owned
+        t = [s["trace"] for s in states]
+        torch._foreach_mul_(t, self.decay)
+        torch._foreach_add_(t, updates)
+        if not self.nesterov:
+            # The update is the trace itself: not scratch (a later in-place op would corrupt the state).
+            return t, False
+        out = torch._foreach_mul(t, self.decay)
+        torch._foreach_add_(out, updates)
+        return out, True
 
 
 class AddDecayedWeights(Transform):
@@ -174,10 +216,15 @@ class AddDecayedWeights(Transform):
     def __init__(self, weight_decay: float) -> None:
         self.weight_decay = weight_decay
 
-    def update(self, updates, specs, states):
-        if self.weight_decay == 0.0:
-            return updates
-        return [u + _f32(self.weight_decay, u) * spec.param for u, spec in zip(updates, specs)]
+    def _update(self, updates, specs, states, owned):
+        if self.weight_decay == 0.0 or not updates:
+            return updates, owned
+        decayed = torch._foreach_mul([s.param for s in specs], self.weight_decay)
+        if owned:
+            torch._foreach_add_(updates, decayed)
+            return updates, True
+        torch._foreach_add_(decayed, updates)  # float addition commutes: the same bits as u + wd*p
+        return decayed, True
 
 
 class ClipByGlobalNorm(Transform):
@@ -186,11 +233,15 @@ class ClipByGlobalNorm(Transform):
     def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
 
-    def update(self, updates, specs, states):
+    def _update(self, updates, specs, states, owned):
         norm = global_norm(updates)
         if bool(norm < self.max_norm):
-            return updates
-        return [(u / norm) * _f32(self.max_norm, u) for u in updates]
+            return updates, owned
+        out = torch._foreach_div(updates, norm) if not owned else updates
+        if owned:
+            torch._foreach_div_(out, norm)
+        torch._foreach_mul_(out, self.max_norm)
+        return out, True
 
 
 class ScaleByLearningRate(_Counted):
@@ -199,18 +250,22 @@ class ScaleByLearningRate(_Counted):
     def __init__(self, lr_fn: Callable[[int], Any]) -> None:
         self.lr_fn = lr_fn
 
-    def update(self, updates, specs, states):
+    def _update(self, updates, specs, states, owned):
         lr = float(np.float32(self.lr_fn(self._count(states))))
-        out = [_f32(-lr, u) * u for u in updates]
+        if updates:
+            if owned:
+                torch._foreach_mul_(updates, -lr)
+            else:
+                updates = torch._foreach_mul(updates, -lr)
         self._advance(states)
-        return out
+        return updates, True
 
 
 class SetToZero(Transform):
     """optax.set_to_zero."""
 
-    def update(self, updates, specs, states):
-        return [torch.zeros_like(u) for u in updates]
+    def _update(self, updates, specs, states, owned):
+        return [torch.zeros_like(u) for u in updates], True
 
 
 class Masked(Transform):
@@ -230,12 +285,13 @@ class Masked(Transform):
         for i, t in enumerate(self.inner):
             t.init(self._select(specs), self._sub_states(states, i))
 
-    def update(self, updates, specs, states):
-        sel = self._select(updates)
+    def _update(self, updates, specs, states, owned):
+        sel, sel_owned = self._select(updates), owned
         for i, t in enumerate(self.inner):
-            sel = t.update(sel, self._select(specs), self._sub_states(states, i))
+            sel, sel_owned = t._update(sel, self._select(specs), self._sub_states(states, i), sel_owned)
         it = iter(sel)
-        return [next(it) if m else u for u, m in zip(updates, self.mask)]
+        # Scratch only if both the passed-through and the transformed parts are.
+        return [next(it) if m else u for u, m in zip(updates, self.mask)], owned and sel_owned
 
 
 class OptaxChain(torch.optim.Optimizer):
@@ -245,7 +301,8 @@ class OptaxChain(torch.optim.Optimizer):
     (sorted Flax paths: the order of global norms). ``step()`` reads ``p.grad`` (missing ones count as 0)
     and sets ``p <- p + update``. ``last_updates_norm`` holds the global norm of the last updates
     (Scenic's ``l2_updates``). The transforms' state is per parameter in ``self.state[p]`` under
-    ``'<index>/<name>'``, so ``state_dict()`` saves it.
+    ``'<index>/<name>'``, so ``state_dict()`` saves it. Each transform runs as multi-tensor ops over all
+    its parameters (see :class:`Transform`); the state tensors are updated in place, as torch's optimisers do.
     """
 
     def __init__(self, specs: Sequence[ParamSpec], transforms: Sequence[Transform]) -> None:
@@ -271,10 +328,15 @@ class OptaxChain(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         updates = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
+        owned = False
         for i, t in enumerate(self.transforms):
-            updates = t.update(updates, self.specs, self._sub_states(i))
-        for s, u in zip(self.specs, updates):
-            s.param.add_(u.to(s.param.dtype))
+            updates, owned = t._update(updates, self.specs, self._sub_states(i), owned)
+        params = [s.param for s in self.specs]
+        if all(u.dtype == p.dtype for u, p in zip(updates, params)):
+            torch._foreach_add_(params, updates)
+        else:
+            for p, u in zip(params, updates):
+                p.add_(u.to(p.dtype))
         self.last_updates_norm = global_norm(updates)
         return loss
 
@@ -360,8 +422,8 @@ def _optimizer_transforms(name: str, kwargs: dict[str, Any], lr_fn, mask: Option
 
 
 class _Identity(Transform):
-    def update(self, updates, specs, states):
-        return updates
+    def _update(self, updates, specs, states, owned):
+        return updates, owned
 
 
 def scenic_optimizer(optimizer_config: Mapping[str, Any], lr_fn: Callable[[int], Any],
