@@ -20,6 +20,7 @@ mask is ``ndim != 1`` on Flax shapes, so attention query/key/value biases (Flax 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -141,6 +142,7 @@ class ScaleByAdam(_Counted):
             s["nu"] = torch.zeros_like(spec.param, memory_format=torch.preserve_format)
 
     @staticmethod
+    @functools.lru_cache(maxsize=64)
     def _bias_correction(decay: float, count: int) -> float:
         # optax: 1 - decay**count evaluated in float32 (pow of two float32 values); the float32 result is
         # exact as a Python float, so dividing by it below divides by the same float32 number.
@@ -232,9 +234,11 @@ class ClipByGlobalNorm(Transform):
 
     def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
+        # Set by OptaxChain.step while it runs the chain a group of parameters at a time.
+        self._global: Optional[Tensor] = None
 
     def _update(self, updates, specs, states, owned):
-        norm = global_norm(updates)
+        norm = self._global if self._global is not None else global_norm(updates)
         if bool(norm < self.max_norm):
             return updates, owned
         out = torch._foreach_div(updates, norm) if not owned else updates
@@ -249,9 +253,13 @@ class ScaleByLearningRate(_Counted):
 
     def __init__(self, lr_fn: Callable[[int], Any]) -> None:
         self.lr_fn = lr_fn
+        self._last: tuple[int, float] = (-1, 0.0)
 
     def _update(self, updates, specs, states, owned):
-        lr = float(np.float32(self.lr_fn(self._count(states))))
+        count = self._count(states)
+        if self._last[0] != count:  # one schedule call per step, not one per parameter group
+            self._last = (count, float(np.float32(self.lr_fn(count))))
+        lr = self._last[1]
         if updates:
             if owned:
                 torch._foreach_mul_(updates, -lr)
@@ -273,25 +281,34 @@ class Masked(Transform):
 
     def __init__(self, inner: Sequence[Transform], mask: Sequence[bool], prefix: str) -> None:
         self.inner, self.mask, self.prefix = list(inner), list(mask), prefix
+        self._by_name: dict[str, bool] = {}
 
-    def _select(self, items):
-        return [x for x, m in zip(items, self.mask) if m]
+    def _flags(self, specs) -> list[bool]:
+        # By name, so that the chain can run on any group of the parameters given to init.
+        return [self._by_name[s.name] for s in specs]
 
-    def _sub_states(self, states, i):
+    def _select(self, items, flags):
+        return [x for x, m in zip(items, flags) if m]
+
+    def _sub_states(self, states, i, flags):
         key = f"{self.prefix}{i}"
-        return [s.setdefault(key, {}) for s in self._select(states)]
+        return [s.setdefault(key, {}) for s in self._select(states, flags)]
 
     def init(self, specs, states):
+        if len(self.mask) != len(specs):
+            raise ConfigError(f"optax.masked: the mask has {len(self.mask)} entries for {len(specs)} parameters")
+        self._by_name = {s.name: bool(m) for s, m in zip(specs, self.mask)}
         for i, t in enumerate(self.inner):
-            t.init(self._select(specs), self._sub_states(states, i))
+            t.init(self._select(specs, self.mask), self._sub_states(states, i, self.mask))
 
     def _update(self, updates, specs, states, owned):
-        sel, sel_owned = self._select(updates), owned
+        flags = self._flags(specs)
+        sel, sel_owned, sel_specs = self._select(updates, flags), owned, self._select(specs, flags)
         for i, t in enumerate(self.inner):
-            sel, sel_owned = t._update(sel, self._select(specs), self._sub_states(states, i), sel_owned)
+            sel, sel_owned = t._update(sel, sel_specs, self._sub_states(states, i, flags), sel_owned)
         it = iter(sel)
         # Scratch only if both the passed-through and the transformed parts are.
-        return [next(it) if m else u for u, m in zip(updates, self.mask)], owned and sel_owned
+        return [next(it) if m else u for u, m in zip(updates, flags)], owned and sel_owned
 
 
 class OptaxChain(torch.optim.Optimizer):
@@ -327,18 +344,54 @@ class OptaxChain(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        updates = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
+        specs = self.specs
+        updates = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in specs]
+        sub_states = [self._sub_states(i) for i in range(len(self.transforms))]
+        # Everything up to the last global-norm clip runs over all parameters (the clip needs the norm of
+        # all its inputs); from the clip on, every op is elementwise, so the rest of the chain runs a
+        # group of parameters at a time while their tensors are still in cache. Same ops, same order.
+        clips = [i for i, t in enumerate(self.transforms) if isinstance(t, ClipByGlobalNorm)]
+        split = clips[-1] if clips else 0
         owned = False
-        for i, t in enumerate(self.transforms):
-            updates, owned = t._update(updates, self.specs, self._sub_states(i), owned)
-        params = [s.param for s in self.specs]
-        if all(u.dtype == p.dtype for u, p in zip(updates, params)):
-            torch._foreach_add_(params, updates)
-        else:
-            for p, u in zip(params, updates):
-                p.add_(u.to(p.dtype))
-        self.last_updates_norm = global_norm(updates)
+        for i in range(split):
+            updates, owned = self.transforms[i]._update(updates, specs, sub_states[i], owned)
+        clip = self.transforms[split] if clips else None
+        if clip is not None:
+            clip._global = global_norm(updates)
+        total = None
+        try:
+            for lo, hi in self._groups():
+                group, group_owned = updates[lo:hi], owned
+                for i in range(split, len(self.transforms)):
+                    group, group_owned = self.transforms[i]._update(group, specs[lo:hi], sub_states[i][lo:hi], group_owned)
+                params = [s.param for s in specs[lo:hi]]
+                if all(u.dtype == p.dtype for u, p in zip(group, params)):
+                    torch._foreach_add_(params, group)
+                else:
+                    for p, u in zip(params, group):
+                        p.add_(u.to(p.dtype))
+                for u in group:  # global_norm's order: per-tensor sums of squares added left to right
+                    sq = torch.sum(u * u)
+                    total = sq if total is None else total + sq
+        finally:
+            if clip is not None:
+                clip._global = None
+        self.last_updates_norm = torch.zeros(()) if total is None else torch.sqrt(total)
         return loss
+
+    #: Parameters are stepped in groups of about this many elements (large tensors alone).
+    group_numel = 1 << 18
+
+    def _groups(self) -> list[tuple[int, int]]:
+        out, lo, n = [], 0, 0
+        for i, s in enumerate(self.specs):
+            n += s.param.numel()
+            if n >= self.group_numel:
+                out.append((lo, i + 1))
+                lo, n = i + 1, 0
+        if lo < len(self.specs):
+            out.append((lo, len(self.specs)))
+        return out
 
     def optax_state(self, index: int, key: str) -> dict[str, Tensor]:
         """The per-parameter state ``key`` of transform ``index`` (e.g. ``(0, 'mu')``), keyed by Flax path."""
