@@ -168,17 +168,14 @@ class ScaleByAdam(_Counted):
             # b1*(mu/(1-b1^(t+1))) + (1-b1)*(g/(1-b1^t))
             out = torch._foreach_div(mu, self._bias_correction(self.b1, count + 1))
             torch._foreach_mul_(out, self.b1)
-            torch._foreach_copy_(tmp, g)
-            torch._foreach_div_(tmp, self._bias_correction(self.b1, count))
+            tmp = torch._foreach_div(g, self._bias_correction(self.b1, count))
             torch._foreach_mul_(tmp, 1 - self.b1)
             torch._foreach_add_(out, tmp)
         else:
             out = torch._foreach_div(mu, self._bias_correction(self.b1, count))
-        del tmp
-        # mu_hat / (sqrt(nu/(1-b2^t) + eps_root) + eps), nu_hat built in the scratch of g*g.
-        nu_hat = sq
-        torch._foreach_copy_(nu_hat, nu)
-        torch._foreach_div_(nu_hat, self._bias_correction(self.b2, count))
+        del tmp, sq
+        # mu_hat / (sqrt(nu/(1-b2^t) + eps_root) + eps)
+        nu_hat = torch._foreach_div(nu, self._bias_correction(self.b2, count))
         if self.eps_root != 0.0:  # x + 0.0 == x for the non-negative nu_hat
             torch._foreach_add_(nu_hat, self.eps_root)
         torch._foreach_sqrt_(nu_hat)
