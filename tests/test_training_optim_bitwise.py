@@ -112,8 +112,9 @@ class _PerParameterReference:
         return _global_norm(us)
 
 
+@pytest.mark.parametrize("group_numel", [None, 1000])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_multi_tensor_step_is_bitwise_the_per_parameter_one(name):
+def test_multi_tensor_step_is_bitwise_the_per_parameter_one(name, group_numel):
     opt_cfg = get_optax_optimizer_config(CONFIGS[name])
     lr_fn = compound_lr_fn(LR_CFG)
     rng = np.random.default_rng([23, len(name)])
@@ -121,6 +122,9 @@ def test_multi_tensor_step_is_bitwise_the_per_parameter_one(name):
     params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
     specs = named_specs((k, p, p.ndim) for k, p in params.items())
     opt = scenic_optimizer(opt_cfg, lr_fn, specs)
+    if group_numel is not None:  # several parameter groups per step (the default puts these in one)
+        opt.group_numel = group_numel
+        assert len(opt._groups()) > 3
     ref_params = [torch.from_numpy(init[s.name].copy()) for s in specs]
     ref = _PerParameterReference(opt_cfg, lr_fn, ref_params, [s.name for s in specs])
     clipped = []
