@@ -13,7 +13,7 @@ Both sides start from the same weights (the Flax tree through ``flax_to_torch``)
   (params and optimiser state donated, as Scenic's ``train_step``). Port, one line per ``optimizers`` entry
   (:data:`OPTIMIZERS`), same hyper-parameters (:data:`ADAMW`): ``optax`` = the project's optax-order AdamW
   (``tokenlearner_torch.training.scenic_optimizer``, what ``ScenicTrainer`` steps with: optax's update
-  order and rounding, per-parameter tensor ops); ``torch`` = ``torch.optim.AdamW(..., fused=True)`` (one
+  order and rounding, ``torch._foreach_*`` ops); ``torch`` = ``torch.optim.AdamW(..., fused=True)`` (one
   fused kernel; the same update in exact arithmetic, rounded in another order). Each is checked in the
   benchmark: one step against ``optax.adamw`` fed the port's own gradients (so only the optimisers
   differ), scaled parameter error printed.
