@@ -120,12 +120,8 @@ class _Counted(Transform):
         return int(states[0][self.key]) if states else 0
 
     def _advance(self, states) -> None:
-        if not states:
-            return
-        # One new tensor shared by all parameters (state_dict saves a copy per parameter, as before).
-        new = states[0][self.key] + 1
-        for s in states:
-            s[self.key] = new
+        for s in states:  # a tensor per parameter: no shared storage in state_dict
+            s[self.key] = s[self.key] + 1
 
 
 class ScaleByAdam(_Counted):
