@@ -179,7 +179,8 @@ def _write_plot(reports: list[Any], args: argparse.Namespace) -> None:
         from .plot import plot_reports
 
         plot_reports(reports, args.plot)
-        print(f"wrote {args.plot}")
+        if not args.quiet:  # a progress line: stdout keeps the reports only
+            print(f"{PROG}: wrote {args.plot}", file=sys.stderr)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

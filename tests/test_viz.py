@@ -377,7 +377,7 @@ def test_parity_check_plot(tmp_path, capsys):
     rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "vit_image_cls", GOLDENS_DIR / "fuser_norm",
                               "-q", "--plot", out)
     assert rc == 0, err
-    assert f"wrote {out}" in stdout
+    assert "wrote" not in stdout + err  # -q: the summary lines only
     _assert_png(out, (500, 500))  # two charts stacked
     rc, stdout, err = _parity(capsys, "check", GOLDENS_DIR / "vit_image_cls", "-q", "--tol", "1e-7", "--plot", out)
     assert rc == 1  # a parity failure still draws its chart
@@ -395,8 +395,9 @@ def test_parity_plot_bad_path_is_a_usage_error(tmp_path, capsys, bad):
 def test_parity_live_plot(tmp_path, capsys):
     pytest.importorskip("jax")
     out = tmp_path / "live.png"
-    rc, stdout, err = _parity(capsys, "live", GOLDENS_DIR / "fuser_norm", "-q", "--no-grads", "--plot", out)
+    rc, stdout, err = _parity(capsys, "live", GOLDENS_DIR / "fuser_norm", "--no-grads", "--plot", out)
     assert rc == 0, err
+    assert f"wrote {out}" in err and "wrote" not in stdout  # a progress line, on stderr
     _assert_png(out)
 
 
