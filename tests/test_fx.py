@@ -10,6 +10,16 @@ import tokenlearner_torch as tl
 
 from goldens import CASES, Golden
 
+
+@pytest.fixture(autouse=True)
+def _one_gemm_kernel(monkeypatch):
+    """Eager inference takes oneDNN's GEMM on the CPU (layers.linear) while captured graphs hold aten.linear:
+    one kernel on both sides keeps these comparisons bitwise (tests/test_linear_kernel.py checks that the
+    two kernels agree)."""
+    from tokenlearner_torch import layers
+
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+
 _TOK = dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1, use_tokenfuse=True)
 _VIT = dict(num_classes=5, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=None,
             dropout_rate=0.0, attention_dropout_rate=0.0)  # fmt: skip

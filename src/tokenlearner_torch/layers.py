@@ -185,6 +185,34 @@ torch.fx.wrap("_check_features")
 # Parameters whose storage the cast cache of Dense may key on (not FX proxies, DTensors or other subclasses).
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
 
+# oneDNN's float32 linear, where this torch build has it (CPU builds with MKL-DNN do).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.linear``, except for eager float32 inference on the CPU, which takes oneDNN's GEMM.
+
+    Why: 80% of a batch-1 B/16 call is GEMMs of ~200 rows, where oneDNN ran 1.04-1.5x faster than the MKL
+    ``addmm`` behind ``F.linear`` on the CI machine kind (AMD EPYC; benchmarks/README.md). Same function,
+    float32 rounding of another summation order (~3e-6 relative). Only where nothing needs a gradient (the
+    op has no backward) and outside compile, export, jit and FX tracing (their graphs keep ``aten.linear``),
+    for plain CPU tensors.
+    """
+    if (
+        _ONEDNN_LINEAR is not None
+        and type(x) is Tensor
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and type(weight) in _PLAIN_TENSORS
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and x.numel() > 0
+    ):
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 class Dense(_LazyShapes):
     """Flax ``nn.Dense``: ``y = x @ kernel + bias``; torch ``weight`` is the kernel transposed, [out, in].
@@ -244,7 +272,7 @@ class Dense(_LazyShapes):
         if self.dtype is not None:
             weight, bias = self._params_in_dtype()
             return F.linear(x.to(self.dtype), weight, bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def _params_in_dtype(self) -> tuple[Tensor, Optional[Tensor]]:
         """weight and bias cast to ``dtype`` (Scenic's bf16 policy casts the float32 parameters at every call).
