@@ -69,6 +69,11 @@ def test_autograd_compile_and_tracing_keep_f_linear(calls):
     with torch.no_grad():
         traced = torch.jit.trace(dense, (x,), check_trace=False)  # the check would rerun it eagerly
     assert calls == [] and "mkldnn" not in str(traced.graph)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dense(x)
+    assert calls == [] and counter.get_total_flops() == 2 * 4 * 8 * 3  # counted as the matmul it is
 
 
 def test_golden_in_inference_mode(calls):

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _python_dispatch
 
 from .errors import ShapeError
 from .hub import HubMixin
@@ -195,8 +196,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     Why: 80% of a batch-1 B/16 call is GEMMs of ~200 rows, where oneDNN ran 1.04-1.5x faster than the MKL
     ``addmm`` behind ``F.linear`` on the CI machine kind (AMD EPYC; benchmarks/README.md). Same function,
     float32 rounding of another summation order (~3e-6 relative). Only where nothing needs a gradient (the
-    op has no backward) and outside compile, export, jit and FX tracing (their graphs keep ``aten.linear``),
-    for plain CPU tensors.
+    op has no backward), outside compile, export, jit and FX tracing (their graphs keep ``aten.linear``) and
+    outside dispatch modes (FlopCounterMode and the like count ``aten.linear``), for plain CPU tensors.
     """
     if (
         _ONEDNN_LINEAR is not None
@@ -208,6 +209,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and _python_dispatch._get_current_dispatch_mode() is None
         and x.numel() > 0
     ):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
