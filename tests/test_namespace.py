@@ -14,7 +14,7 @@ import tokenlearner_torch.weights_convert
 # Helpers an __init__ uses itself, which must not show as API.
 HELPERS = {"TYPE_CHECKING", "annotations", "typing", "lazy_exports", "_LAZY", "_SUBMODULES", "_lazy", "__getattr__", "__dir__"}
 PACKAGES = {
-    tokenlearner_torch: {"errors", "weights_convert"},  # public subpackages
+    tokenlearner_torch: {"errors", "weights_convert", "parity", "training", "viz", "hub"},  # public subpackages
     tokenlearner_torch.weights_convert: set(),
 }
 

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 # Public subpackages, reachable as attributes (`tokenlearner_torch.weights_convert.convert`) without an import.
-_SUBMODULES = ("errors", "weights_convert")
+_SUBMODULES = ("errors", "weights_convert", "parity", "training", "viz", "hub")
 
 if typing.TYPE_CHECKING:  # pragma: no cover
     from .intermediates import capture_intermediates
