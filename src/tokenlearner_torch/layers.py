@@ -186,6 +186,18 @@ torch.fx.wrap("_check_features")
 # Parameters whose storage the cast cache of Dense may key on (not FX proxies, DTensors or other subclasses).
 _PLAIN_TENSORS = (nn.Parameter, Tensor)
 
+
+def _plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """Eager execution on plain tensors: no torch.compile/export, no jit tracing, no FX proxies or subclasses.
+
+    Where Dense's inference shortcuts (the cast cache, oneDNN's GEMM) may apply; graphs keep the plain ops.
+    """
+    return (
+        all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
 # oneDNN's float32 linear, where this torch build has it (CPU builds with MKL-DNN do).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
@@ -202,13 +214,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     if (
         _ONEDNN_LINEAR is not None
         and type(x) is Tensor
+        and _plain_eager(weight, bias)
         and x.dtype == torch.float32
         and x.device.type == "cpu"
-        and type(weight) in _PLAIN_TENSORS
         and weight.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
         and _python_dispatch._get_current_dispatch_mode() is None
         and x.numel() > 0
     ):
@@ -287,8 +297,7 @@ class Dense(_LazyShapes):
         (the graph does the cast), or for tensor subclasses (DTensor, proxies), it casts each call.
         """
         w, b = self.weight, self.bias
-        plain = type(w) in _PLAIN_TENSORS and (b is None or type(b) in _PLAIN_TENSORS) and w.device.type != "meta"
-        if torch.is_grad_enabled() or not plain or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if torch.is_grad_enabled() or not _plain_eager(w, b) or w.device.type == "meta":
             return w.to(self.dtype), (None if b is None else b.to(self.dtype))
         key = (self.dtype, w.device, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
         cache = self.__dict__.get("_cast_cache")
