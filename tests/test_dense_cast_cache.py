@@ -12,7 +12,7 @@ import copy
 import torch
 
 import tokenlearner_torch as tl
-from tokenlearner_torch import layers
+from tokenlearner_torch import cpu_gemm, layers
 from tokenlearner_torch.layers import Dense
 
 
@@ -80,7 +80,7 @@ def test_bf16_model_inference_unchanged_by_the_cache(monkeypatch):
     """A whole bf16 TokenLearner ViT: a second inference call (cached casts) equals the first bitwise."""
     # The float32 layers (embedding, TokenLearner, head) take oneDNN's GEMM in inference only; keep one kernel
     # on both sides so that the comparison isolates the cast cache.
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
     kwargs = dict(
         num_classes=10, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=None,
         classifier="gap", dropout_rate=0.0, attention_dropout_rate=0.0, dtype="bfloat16",

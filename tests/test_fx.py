@@ -16,9 +16,9 @@ def _one_gemm_kernel(monkeypatch):
     """Eager inference takes oneDNN's GEMM on the CPU (layers.linear) while captured graphs hold aten.linear:
     one kernel on both sides keeps these comparisons bitwise (tests/test_linear_kernel.py checks that the
     two kernels agree)."""
-    from tokenlearner_torch import layers
+    from tokenlearner_torch import cpu_gemm
 
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(cpu_gemm, "_ONEDNN_LINEAR", None)
 
 _TOK = dict(type="dynamic", patches=dict(size=[8, 8]), num_tokens=4, tokenlearner_loc=1, use_tokenfuse=True)
 _VIT = dict(num_classes=5, mlp_dim=64, num_layers=2, num_heads=2, hidden_size=32, representation_size=None,

@@ -24,11 +24,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import _python_dispatch
 
 from .errors import ShapeError
 from .hub import HubMixin
-from . import flax_numerics
+from . import cpu_gemm, flax_numerics
 from . import initializers as init
 from .numerics_mode import get_layer_norm_numerics
 
@@ -198,32 +197,17 @@ def _plain_eager(*tensors: Optional[Tensor]) -> bool:
         and not torch.jit.is_tracing()
     )
 
-# oneDNN's float32 linear, where this torch build has it (CPU builds with MKL-DNN do).
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+# Dense's float32 CPU GEMM (oneDNN where it applies): one named place, tokenlearner_torch.cpu_gemm.
+linear = cpu_gemm.linear
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.linear``, except for eager float32 inference on the CPU, which takes oneDNN's GEMM.
+def _hooked(module: nn.Module) -> bool:
+    """Whether anything watches ``module``'s forward (then it must run as itself: hooks see its output)."""
+    from torch.nn.modules import module as _m
 
-    Why: 80% of a batch-1 B/16 call is GEMMs of ~200 rows, where oneDNN ran 1.04-1.5x faster than the MKL
-    ``addmm`` behind ``F.linear`` on the CI machine kind (AMD EPYC; benchmarks/README.md). Same function,
-    float32 rounding of another summation order (~3e-6 relative). Only where nothing needs a gradient (the
-    op has no backward), outside compile, export, jit and FX tracing (their graphs keep ``aten.linear``) and
-    outside dispatch modes (FlopCounterMode and the like count ``aten.linear``), for plain CPU tensors.
-    """
-    if (
-        _ONEDNN_LINEAR is not None
-        and type(x) is Tensor
-        and _plain_eager(weight, bias)
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
-        and _python_dispatch._get_current_dispatch_mode() is None
-        and x.numel() > 0
-    ):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+    )
 
 
 class Dense(_LazyShapes):
@@ -275,16 +259,20 @@ class Dense(_LazyShapes):
     def forward(self, x: Tensor) -> Tensor:
         """[..., in_features] -> [..., out_features] (in ``dtype`` when set)."""
         if self.is_lazy():
-            out = self.out_features
-            if out is None:
-                raise ShapeError("Dense: the output size was never set (an owner module must set out_features)")
-            self._materialize({"weight": (out, x.shape[-1]), "bias": (out,)})
+            self._materialize_from(x)
         else:
             x = _check_features(x, self.in_features, "Dense")
         if self.dtype is not None:
             weight, bias = self._params_in_dtype()
             return F.linear(x.to(self.dtype), weight, bias)
         return linear(x, self.weight, self.bias)
+
+    def _materialize_from(self, x: Tensor) -> None:
+        """Creates the lazy parameters for input ``x`` [..., in] (Scenic's initialisers)."""
+        out = self.out_features
+        if out is None:
+            raise ShapeError("Dense: the output size was never set (an owner module must set out_features)")
+        self._materialize({"weight": (out, x.shape[-1]), "bias": (out,)})
 
     def _params_in_dtype(self) -> tuple[Tensor, Optional[Tensor]]:
         """weight and bias cast to ``dtype`` (Scenic's bf16 policy casts the float32 parameters at every call).
@@ -550,8 +538,19 @@ class MlpBlock(HubMixin, nn.Module):
         if self.Dense_1.out_features is None:
             # Scenic: out_dim=None means "as wide as the input", known only now.
             self.Dense_1.out_features = x.shape[-1]
-        x = self.Dropout_0(self.mlp1(gelu(self.Dense_0(x))))
+        x = self.Dropout_0(self.mlp1(self._dense_gelu(x)))
         return self.Dropout_1(self.mlp2(self.Dense_1(x)))
+
+    def _dense_gelu(self, x: Tensor) -> Tensor:
+        """gelu(Dense_0(x)); oneDNN applies the GELU in the GEMM's epilogue where it can (cpu_gemm), one pass
+        over [..., mlp_dim] fewer. Not when a hook watches Dense_0: it must see Dense_0's own output."""
+        dense = self.Dense_0
+        if dense.dtype is None and not _hooked(dense):
+            if dense.is_lazy():  # created here, so that the first call takes the same kernel as the next ones
+                dense._materialize_from(x)
+            if cpu_gemm.fuses_gelu(x, dense.weight, dense.bias):
+                return cpu_gemm.linear_gelu(_check_features(x, dense.in_features, "Dense"), dense.weight, dense.bias)
+        return gelu(dense(x))
 
 
 class _HeadsDense(Dense):
