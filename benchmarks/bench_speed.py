@@ -474,8 +474,8 @@ def bench_one(name: str, spec: dict, batch: int, repeats: int, compile_: bool, l
 
     fns["eager"] = eager
     # The compiled columns, each built by its one-line recipe (recipes.py): "compiled" everywhere, "cudagraphs"
-    # (mode="reduce-overhead") on cuda. CPU inference uses inductor's freezing (parameters become constants,
-    # so oneDNN gets pre-packed weights); on B/16 batch 8 its output was bitwise eager mode's.
+    # (mode="reduce-overhead") on cuda. CPU inference uses inductor's freezing (parameters become constants);
+    # the Dense GEMMs are oneDNN calls of tokenlearner::linear either way (tokenlearner_torch.cpu_gemm).
     # A fresh dynamo cache per row: every row recompiles anyway (new model, batch or precision), and a GPU
     # run's 8+ compiles of one forward would otherwise reach dynamo's recompile limit and run eager. Once per
     # row, not per column: a reset between columns would make the first column compile again when timed.

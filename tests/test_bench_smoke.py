@@ -199,3 +199,13 @@ def test_profile_step_quick(capsys):
     assert profile_step.kind_of("aten::addmm") == "matmul / linear"
     assert profile_step.kind_of("aten::_to_copy") == "casts and copies"
     assert profile_step.main(["--quick", "--layers", "1"]) == 2
+
+
+def test_bench_gemm_prints_every_shape():
+    """benchmarks/bench_gemm.py (the measurement behind cpu_gemm): one table row per shape, rates positive."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), "--rows", "8",
+                          "--repeats", "1"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 8 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["768 -> 768", "768 -> 3072", "3072 -> 768"]
+    assert all(float(c) > 0 for r in rows for c in r.strip("| ").split("|")[2:])
