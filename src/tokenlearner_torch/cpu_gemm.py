@@ -1,23 +1,25 @@
 """Dense's float32 GEMM on the CPU: oneDNN's kernel instead of MKL's, forward and backward.
 
 Why: the port's CPU time is GEMMs (84-86% of a B/16 call or training step, benchmarks/profile_step.py), and
-on the CI machine kind (AMD EPYC, AVX-512) oneDNN's ``mkldnn::_linear_pointwise`` ran 198-216 GFLOP/s at
-ViT shapes where MKL's ``addmm``/``mm`` behind ``F.linear`` ran 153-199 (benchmarks/README.md). Same
-function: another float32 summation order, within 1e-6 of the output's scale (tests/test_linear_kernel.py).
+on the CI machine kind (AMD EPYC, AVX-512) oneDNN's ``mkldnn::_linear_pointwise`` ran B/16's forward and
+input-gradient GEMMs at 198-222 GFLOP/s where MKL's ``addmm``/``mm`` behind ``F.linear`` ran 133-201
+(benchmarks/bench_gemm.py). Same function: another float32 summation order, within 1e-6 of the output's
+scale (tests/test_linear_kernel.py).
 
 Where it applies (:func:`linear`), for float32 CPU tensors:
 
 - eager inference (nothing needs a gradient): a direct call, and :func:`linear_gelu` fuses Flax's tanh GELU
   into the GEMM (oneDNN post-op; a separate ``F.gelu`` pass was 4-6% of a batch-1 call);
 - eager training and ``torch.compile`` (inference and training): the custom op ``tokenlearner::linear``,
-  whose backward takes oneDNN for the input gradient (1.05-1.2x MKL's ``mm``) and MKL for the weight
-  gradient (oneDNN was not faster there). A compiled graph calls it as one opaque kernel.
+  whose backward takes oneDNN for the input gradient and MKL for the weight gradient (oneDNN was not
+  faster there). A compiled graph calls it as one opaque kernel.
 
 Everything else keeps ``F.linear``: other dtypes and devices, ``torch.export`` / ``jit.trace`` / FX graphs
 (a deployed graph holds ``aten.linear``), dispatch modes (FlopCounterMode counts ``aten.linear``), torch.func
 transforms and forward-mode AD (the oneDNN op has neither a batching rule nor a JVP), double backward (the
 backward of the custom op is then built from differentiable aten ops), torch builds without oneDNN or
-without ``torch.library.custom_op`` (torch < 2.4: the training path then keeps ``F.linear``).
+without ``torch.library.custom_op`` and ``torch.compiler.is_exporting`` (older torch: training and compiled
+graphs then keep ``F.linear``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ _POST_OPS = {"none": ("none", [], ""), "gelu_tanh": ("gelu", [], "tanh")}
 
 _PLAIN = (nn.Parameter, Tensor)
 
+# Probes that older torch versions lack: without one, the path it guards is not taken.
+_FUNCTORCH_STACK = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+
 
 def _float32_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (
@@ -61,7 +66,8 @@ def _plain_eager_call(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool
         and (bias is None or type(bias) in _PLAIN)
         and not torch.jit.is_tracing()
         and _python_dispatch._get_current_dispatch_mode() is None
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and _FUNCTORCH_STACK is not None
+        and _FUNCTORCH_STACK() is None
         and _forward_ad._current_level < 0
     )
 
@@ -122,7 +128,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 # The custom op: what autograd and torch.compile see
 # ---------------------------------------------------------------------------------------------------------
 def _define_ops():
-    if _ONEDNN_LINEAR is None or not hasattr(torch.library, "custom_op"):
+    if _ONEDNN_LINEAR is None or not hasattr(torch.library, "custom_op") or not hasattr(torch.compiler, "is_exporting"):
         return None
 
     @torch.library.custom_op("tokenlearner::linear", mutates_args=())
