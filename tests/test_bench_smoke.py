@@ -209,3 +209,13 @@ def test_bench_gemm_prints_every_shape():
     rows = [line for line in res.stdout.splitlines() if line.startswith("| 8 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["768 -> 768", "768 -> 3072", "3072 -> 768"]
     assert all(float(c) > 0 for r in rows for c in r.strip("| ").split("|")[2:])
+
+
+def test_bench_overhead_prints_both_precisions():
+    """benchmarks/bench_overhead.py: the host-side cost of an eager forward, float32 and the bf16 policy."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--repeats", "2"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in res.stdout.splitlines()
+            if line.startswith("| float32") or line.startswith("| bfloat16")}
+    assert set(rows) == {"float32", "bfloat16"} and all(v > 0 for v in rows.values())

@@ -199,3 +199,28 @@ def test_models_run_after_to_dtype(dtype):
     assert out.dtype == dtype
     ref = g.outputs["out"]
     assert np.abs(out.float().numpy() - ref).max() <= 0.05 * max(1.0, np.abs(ref).max())
+
+
+def test_laziness_is_remembered_only_once_every_parameter_exists():
+    """is_lazy() runs in every forward, so a module remembers that it has no lazy parameter left; a module
+    that still has one keeps answering True, and a load_state_dict or first call turns it False."""
+    from tokenlearner_torch.layers import Dense
+
+    d = Dense(4)
+    assert d.is_lazy() and d.is_lazy()  # asked twice: nothing remembered while lazy
+    d.load_state_dict({"weight": torch.ones(4, 3), "bias": torch.zeros(4)})
+    assert not d.is_lazy() and d.__dict__.get("_materialized") is True
+    model = tl.from_scenic("TokenLearnerViT", SMALL_VIT)
+    dense = [m for m in model.modules() if isinstance(m, Dense)]
+    assert any(m.is_lazy() for m in dense)
+    model(torch.randn(2, 32, 32, 3))
+    assert not any(m.is_lazy() for m in dense) and not lazy_parameter_names(model)
+
+
+def test_dropout_outside_training_is_the_identity():
+    from tokenlearner_torch.layers import Dropout
+
+    drop, x = Dropout(0.5), torch.randn(3, 4)
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+    out = drop.train()(x)
+    assert out is not x and ((out == 0) | torch.isclose(out, 2 * x)).all()

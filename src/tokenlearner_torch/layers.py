@@ -130,7 +130,14 @@ class _LazyShapes(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(*shape, dtype=torch.float32)))
 
     def is_lazy(self) -> bool:
-        return any(isinstance(p, nn.UninitializedParameter) for p in self._parameters.values() if p is not None)
+        # Once every parameter exists none becomes lazy again (only __init__ makes lazy ones): remembered, as
+        # this runs in every forward and eager small-batch calls are Python-bound.
+        if self.__dict__.get("_materialized", False):
+            return False
+        lazy = any(isinstance(p, nn.UninitializedParameter) for p in self._parameters.values() if p is not None)
+        if not lazy:
+            self.__dict__["_materialized"] = True
+        return lazy
 
     def lazy_parameter_names(self) -> list[str]:
         return [n for n, p in self._parameters.items() if isinstance(p, nn.UninitializedParameter)]
@@ -470,6 +477,8 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         """Any shape -> the same shape; in training, elements zeroed with probability ``rate``, others scaled."""
+        if not self.training or self.p == 0.0:
+            return x  # F.dropout would return x too, after a Python call per layer (eager overhead)
         return super().forward(x)
 
 
