@@ -58,12 +58,14 @@ def _float32_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     )
 
 
+def _plain_types(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    return type(x) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+
+
 def _plain_eager_call(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Eager, on plain tensors, with nothing that needs to see ``aten.linear`` (see the module docstring)."""
     return (
-        type(x) is Tensor
-        and type(weight) in _PLAIN
-        and (bias is None or type(bias) in _PLAIN)
+        _plain_types(x, weight, bias)
         and not torch.jit.is_tracing()
         and _python_dispatch._get_current_dispatch_mode() is None
         and _FUNCTORCH_STACK is not None
@@ -83,8 +85,15 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
     if _ONEDNN_LINEAR is None:
         return "aten"
     if torch.compiler.is_compiling():
-        # Checked first: the eager-only probes below are not traceable. Export keeps aten.linear.
-        if _LINEAR_OP is None or torch.compiler.is_exporting() or not _float32_cpu(x, weight, bias):
+        # Checked first: the eager-only probes below are not traceable. Export keeps aten.linear; tensor
+        # subclasses (DTensor parameters of tensor parallelism) have no rule for the custom op.
+        if (
+            _LINEAR_OP is None
+            or torch.compiler.is_exporting()
+            or not _plain_types(x, weight, bias)
+            or not _float32_cpu(x, weight, bias)
+            or x.numel() == 0
+        ):
             return "aten"
         return "op"
     # Plain tensors first: an FX proxy must not reach the dtype comparisons.

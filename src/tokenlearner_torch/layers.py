@@ -24,6 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from .errors import ShapeError
 from .hub import HubMixin
@@ -210,10 +211,11 @@ linear = cpu_gemm.linear
 
 def _hooked(module: nn.Module) -> bool:
     """Whether anything watches ``module``'s forward (then it must run as itself: hooks see its output)."""
-    from torch.nn.modules import module as _m
-
     return bool(
-        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks or _m._global_forward_pre_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_forward_pre_hooks
     )
 
 
