@@ -2,6 +2,7 @@
 
     python benchmarks/bench_overhead.py              # float32 and Scenic's bf16 policy, batch 1, one thread
     python benchmarks/bench_overhead.py --repeats 200
+    python benchmarks/bench_overhead.py --device cuda   # on a GPU: host work plus launches, synchronised per call
 
 What is left is Python, module calls and op dispatch: the time an eager forward needs before its kernels run.
 On a GPU, where kernels are launched asynchronously, that is what bounds a small-batch eager call (issue 11:
@@ -31,16 +32,20 @@ TINY_B16 = dict(
 )
 
 
-def per_forward_ms(dtype: str, repeats: int) -> float:
-    model = tl.from_scenic("TokenLearnerViT", {**TINY_B16, "dtype": dtype}, input_shapes=[(64, 64, 3)]).eval()
-    x = torch.randn(1, 64, 64, 3)
+def per_forward_ms(dtype: str, repeats: int, device: str = "cpu") -> float:
+    model = tl.from_scenic("TokenLearnerViT", {**TINY_B16, "dtype": dtype}, input_shapes=[(64, 64, 3)])
+    model = model.to(device).eval()
+    x = torch.randn(1, 64, 64, 3, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     with torch.inference_mode():
         for _ in range(10):
             model(x)
+        sync()
         for _ in range(repeats):
             t = time.perf_counter()
             model(x)
+            sync()
             times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
@@ -48,13 +53,16 @@ def per_forward_ms(dtype: str, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "bench_overhead.py: --device cuda needs a CUDA device (torch.cuda.is_available() is False)\n")
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats} eager inference calls, batch 1")
+    print(f"torch {torch.__version__}, {args.device}, 1 thread, median of {args.repeats} eager inference calls, batch 1")
     print("| precision | ms per forward |")
     print("|---|---|")
     for dtype in ("float32", "bfloat16"):
-        print(f"| {dtype} | {per_forward_ms(dtype, args.repeats):.2f} |")
+        print(f"| {dtype} | {per_forward_ms(dtype, args.repeats, args.device):.2f} |")
 
 
 if __name__ == "__main__":

@@ -219,3 +219,9 @@ def test_bench_overhead_prints_both_precisions():
     rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in res.stdout.splitlines()
             if line.startswith("| float32") or line.startswith("| bfloat16")}
     assert set(rows) == {"float32", "bfloat16"} and all(v > 0 for v in rows.values())
+    import torch
+
+    if not torch.cuda.is_available():  # without CUDA, --device cuda is a one-line usage error
+        res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--device", "cuda"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "CUDA" in res.stderr
