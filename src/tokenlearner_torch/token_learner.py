@@ -6,7 +6,6 @@ Layouts are Scenic's: tokens [B, N, C], images channel-last [B, H, W, C]. PyTorc
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -37,7 +36,9 @@ def _grid(inputs: Tensor, channels_first: bool) -> Tensor:
     """TokenLearnerModule's input as [B, H, W, C]: [B, H*H, C] is reshaped to a square grid."""
     if inputs.ndim == 3:
         n, hw, c = inputs.shape
-        h = math.isqrt(hw)
+        # Not math.isqrt: torch.compile(dynamic=True) cannot trace it on a symbolic size. A float64 square root
+        # is exact for perfect squares (up to 2**52), and the check below rejects the rest.
+        h = round(hw ** 0.5)
         if h * h != hw:
             # Scenic means to raise 'Only square inputs supported.' but reshapes first and fails with a
             # TypeError about the reshape; we raise the intended error, naming the shape.
