@@ -115,9 +115,9 @@ def test_every_model_traces_once_with_dynamic_shapes(name, cls, kwargs, shapes):
 
 
 def test_inductor_dynamic_training_and_inference():
-    """The default backend with dynamic=True: channel-last images reach the patch embedding as a permuted view,
-    whose symbolic strides inductor could not order (Conv now takes a contiguous copy). Forward + backward and
-    inference at three batch sizes, equal to eager, one compile each."""
+    """The default backend with dynamic=True: a channel-last image reaches the patch embedding as a permuted
+    view of the graph input, whose symbolic strides inductor could not order (compiled graphs now copy it).
+    Forward + backward and inference at three batch sizes, equal to eager, without graph breaks."""
     model = _model(False).train()
     torch._dynamo.reset()
     counters.clear()

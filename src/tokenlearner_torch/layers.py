@@ -381,11 +381,7 @@ class Conv(_LazyShapes):
         if self.is_lazy():
             self._materialize({"weight": (self.out_channels, x.shape[1], *self.kernel_size)})
         conv = F.conv2d if len(self.kernel_size) == 2 else F.conv3d
-        # Contiguous: the owners hand over channel-last data permuted to [B, C, ...], and inductor with
-        # dynamic spatial sizes (torch.compile(dynamic=True)) cannot order a permuted view's symbolic strides
-        # (torch 2.13: "cannot determine truth value of Relational"). The copy is the input image or a token
-        # grid, well under 1% of a call.
-        return conv(x.contiguous(), self.weight, self.bias, stride=self.strides, padding=self._padding)
+        return conv(x, self.weight, self.bias, stride=self.strides, padding=self._padding)
 
     def extra_repr(self) -> str:
         return (

@@ -77,6 +77,23 @@ def _grid_tokens(x: Tensor, who: str) -> Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def _channels_first(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """A channel-last model input permuted by ``dims`` to torch's [B, C, ...] for the embedding convolution.
+
+    Under torch.compile (not export) the view is copied: inductor with symbolic spatial sizes (``dynamic=True``)
+    cannot order a permuted graph input's strides (torch 2.13: "cannot determine truth value of Relational").
+    Eager mode keeps the view, which oneDNN's convolution reads directly (the copy cost ~25% of the patch
+    embedding, ~0.25% of a B/16 call).
+    """
+    x = x.permute(*dims)
+    if torch.compiler.is_compiling() and not (_IS_EXPORTING is not None and _IS_EXPORTING()):
+        x = x.contiguous()
+    return x
+
+
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
+
+
 def _frames(x: Tensor, channels_first: bool) -> tuple[Tensor, int, int]:
     """TokenLearnerViTRepresentation's input as ([n*t, C, H, W], n, t)."""
     if x.ndim == 5:
@@ -84,9 +101,9 @@ def _frames(x: Tensor, channels_first: bool) -> tuple[Tensor, int, int]:
         if channels_first:  # [n, c, t, h, w] -> [n*t, c, h, w]
             x = x.transpose(1, 2)
             return x.reshape(n * t, *x.shape[2:]), n, t
-        return x.reshape(n * t, *x.shape[2:]).permute(0, 3, 1, 2), n, t
+        return _channels_first(x.reshape(n * t, *x.shape[2:]), (0, 3, 1, 2)), n, t
     if x.ndim == 4:
-        return (x if channels_first else x.permute(0, 3, 1, 2)), x.shape[0], 1
+        return (x if channels_first else _channels_first(x, (0, 3, 1, 2))), x.shape[0], 1
     layout = "[B, C, H, W] or [B, C, T, H, W]" if channels_first else "[B, H, W, C] or [B, T, H, W, C]"
     raise ShapeError(f"TokenLearnerViTRepresentation expects {layout}, got {tuple(x.shape)}")
 
@@ -388,11 +405,11 @@ class TokenLearnerViT(HubMixin, nn.Module):
         if tok.type in ("patch", "dynamic"):
             layout = "[B, C, H, W]" if cf else "[B, H, W, C]"
             x = _check_rank(x, 4, f"TokenLearnerViT ({tok.type} tokenizer) expects {layout}")
-            x = x if cf else x.permute(0, 3, 1, 2)
+            x = x if cf else _channels_first(x, (0, 3, 1, 2))
         else:
             layout = "[B, C, T, H, W]" if cf else "[B, T, H, W, C]"
             x = _check_rank(x, 5, f"TokenLearnerViT (video tokenizer) expects {layout}")
-            x = x if cf else x.permute(0, 4, 1, 2, 3)  # [B, C, T, H, W]
+            x = x if cf else _channels_first(x, (0, 4, 1, 2, 3))  # [B, C, T, H, W]
             if tok.method == "temporal_sampling":
                 # Scenic stacks the sampled frames along H and embeds them with one 2-D convolution.
                 sampled = _sample_frames(x, tok.n_sampled_frames)
