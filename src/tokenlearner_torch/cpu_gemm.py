@@ -14,12 +14,12 @@ Where it applies (:func:`linear`), for float32 CPU tensors:
   whose backward takes oneDNN for the input gradient and MKL for the weight gradient (oneDNN was not
   faster there). A compiled graph calls it as one opaque kernel.
 
-Everything else keeps ``F.linear``: other dtypes and devices, ``torch.export`` / ``jit.trace`` / FX graphs
-(a deployed graph holds ``aten.linear``), dispatch modes (FlopCounterMode counts ``aten.linear``), torch.func
-transforms and forward-mode AD (the oneDNN op has neither a batching rule nor a JVP), double backward (the
-backward of the custom op is then built from differentiable aten ops), torch builds without oneDNN or
-without ``torch.library.custom_op`` and ``torch.compiler.is_exporting`` (older torch: training and compiled
-graphs then keep ``F.linear``).
+Everything else keeps ``F.linear``: other dtypes and devices, tensor subclasses (DTensor), ``torch.export``
+/ ``jit.trace`` / FX graphs (a deployed graph holds ``aten.linear``), dispatch modes (FlopCounterMode counts
+``aten.linear``), torch.func transforms and forward-mode AD (the oneDNN op has neither a batching rule nor a
+JVP), torch builds without oneDNN, and older torch without ``torch.library.custom_op`` and
+``torch.compiler.is_exporting`` (training and compiled graphs then keep ``F.linear``). A double backward
+goes through the custom op's backward built from differentiable aten ops.
 """
 
 from __future__ import annotations
