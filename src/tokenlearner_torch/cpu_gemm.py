@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils import _python_dispatch
 
-__all__ = ["linear", "linear_gelu", "fuses_gelu"]
+__all__ = ["linear", "linear_gelu", "fuses_gelu", "plain_eager"]
 
 #: oneDNN's float32 linear ``x @ weight.T + bias`` with an optional fused activation (CPU builds with oneDNN).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -40,6 +40,7 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 #: oneDNN post-op arguments (name, scalars, algorithm) of each activation the custom op accepts.
 _POST_OPS = {"none": ("none", [], ""), "gelu_tanh": ("gelu", [], "tanh")}
 
+#: Tensor types whose storage Dense may key a cache on or hand to oneDNN (not FX proxies, DTensors, ...).
 _PLAIN = (nn.Parameter, Tensor)
 
 # Probes that older torch versions lack: without one, the path it guards is not taken.
@@ -58,15 +59,24 @@ def _float32_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     )
 
 
-def _plain_types(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    return type(x) is Tensor and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+def _plain_types(*tensors: Optional[Tensor]) -> bool:
+    """No FX proxies, DTensors or other subclasses (parameters may be nn.Parameter)."""
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def plain_eager(*tensors: Optional[Tensor]) -> bool:
+    """Eager execution on plain tensors: no torch.compile/export, no jit tracing, no FX proxies or subclasses.
+
+    Where Dense's inference shortcuts (its bf16 cast cache, oneDNN's GEMM) may apply; graphs keep plain ops.
+    """
+    return _plain_types(*tensors) and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def _plain_eager_call(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Eager, on plain tensors, with nothing that needs to see ``aten.linear`` (see the module docstring)."""
     return (
-        _plain_types(x, weight, bias)
-        and not torch.jit.is_tracing()
+        type(x) is Tensor
+        and plain_eager(weight, bias)
         and _python_dispatch._get_current_dispatch_mode() is None
         and _FUNCTORCH_STACK is not None
         and _FUNCTORCH_STACK() is None
@@ -90,7 +100,8 @@ def _route(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
         if (
             _LINEAR_OP is None
             or torch.compiler.is_exporting()
-            or not _plain_types(x, weight, bias)
+            or type(x) is not Tensor
+            or not _plain_types(weight, bias)
             or not _float32_cpu(x, weight, bias)
             or x.numel() == 0
         ):

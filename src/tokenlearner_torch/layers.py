@@ -190,21 +190,6 @@ def _check_features(x: Tensor, n: int, who: str) -> Tensor:
 torch.fx.wrap("_check_features")
 
 
-# Parameters whose storage the cast cache of Dense may key on (not FX proxies, DTensors or other subclasses).
-_PLAIN_TENSORS = (nn.Parameter, Tensor)
-
-
-def _plain_eager(*tensors: Optional[Tensor]) -> bool:
-    """Eager execution on plain tensors: no torch.compile/export, no jit tracing, no FX proxies or subclasses.
-
-    Where Dense's inference shortcuts (the cast cache, oneDNN's GEMM) may apply; graphs keep the plain ops.
-    """
-    return (
-        all(t is None or type(t) in _PLAIN_TENSORS for t in tensors)
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-    )
-
 # Dense's float32 CPU GEMM (oneDNN where it applies): one named place, tokenlearner_torch.cpu_gemm.
 linear = cpu_gemm.linear
 
@@ -294,7 +279,7 @@ class Dense(_LazyShapes):
         (the graph does the cast), or for tensor subclasses (DTensor, proxies), it casts each call.
         """
         w, b = self.weight, self.bias
-        if torch.is_grad_enabled() or not _plain_eager(w, b) or w.device.type == "meta":
+        if torch.is_grad_enabled() or not cpu_gemm.plain_eager(w, b) or w.device.type == "meta":
             return w.to(self.dtype), (None if b is None else b.to(self.dtype))
         key = (self.dtype, w.device, w.data_ptr(), w._version) + (() if b is None else (b.data_ptr(), b._version))
         cache = self.__dict__.get("_cast_cache")

@@ -77,6 +77,9 @@ def _grid_tokens(x: Tensor, who: str) -> Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
+
+
 def _channels_first(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     """A channel-last model input permuted by ``dims`` to torch's [B, C, ...] for the embedding convolution.
 
@@ -89,9 +92,6 @@ def _channels_first(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     if torch.compiler.is_compiling() and not (_IS_EXPORTING is not None and _IS_EXPORTING()):
         x = x.contiguous()
     return x
-
-
-_IS_EXPORTING = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
 
 
 def _frames(x: Tensor, channels_first: bool) -> tuple[Tensor, int, int]:
