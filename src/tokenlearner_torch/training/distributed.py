@@ -1,0 +1,276 @@
+"""Data parallelism as Scenic's ``jax.pmap``: one process per device on ``torch.distributed``.
+
+Scenic shards each GLOBAL batch over the devices (device ``d`` gets rows ``[d*B/n, (d+1)*B/n)``); each
+device's loss is the mean over ITS OWN unmasked examples; the gradients are averaged over devices
+(``jax.lax.pmean``) before clipping and the optimiser, so every device takes the same step; metrics are
+``(sum, count)`` pairs summed over devices (``jax.lax.psum``) before they are normalised; one host writes
+checkpoints and summaries. This module maps that onto the engine PyTorch users already launch with
+(``torchrun``): DDP's gradient average is exactly ``pmean`` (each process's gradient of its own mean loss,
+summed and divided by the number of processes), FSDP2 (``fully_shard``) computes the same mean with
+sharded parameters.
+
+``get_context()`` returns a :class:`Context` for the current process: the user's own process group when one
+is initialised, else one made from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``; gloo on CPU, nccl on CUDA, one process per GPU), else a single-process
+context whose collectives are no-ops. Collectives time out (``timeout_s``, default 600 s, or the
+environment variable ``TOKENLEARNER_DIST_TIMEOUT``), so a dead rank is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, ShapeError
+
+__all__ = ["Context", "get_context", "shard_rows", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 600.0
+_TIMEOUT_ENV = "TOKENLEARNER_DIST_TIMEOUT"
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+def _timeout_s(timeout_s: Optional[float]) -> float:
+    if timeout_s is not None:
+        return float(timeout_s)
+    raw = os.environ.get(_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{_TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise ConfigError(f"{_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def shard_rows(global_batch: int, rank: int, world_size: int) -> slice:
+    """Scenic's shard of a global batch: rows ``[rank*B/n, (rank+1)*B/n)`` (``reshape([n, B/n, ...])``).
+
+    A global batch that the number of processes does not divide is a :class:`ConfigError`, as in Scenic
+    (``batch_size`` must be divisible by the device count).
+    """
+    if global_batch % world_size:
+        raise ConfigError(f"the global batch size {global_batch} is not divisible by the {world_size} processes; "
+                          f"expected a multiple of {world_size}")  # fmt: skip
+    per = global_batch // world_size
+    return slice(rank * per, (rank + 1) * per)
+
+
+@dataclass
+class Context:
+    """Where this process stands in a data-parallel job, and the few collectives training needs.
+
+    ``rank`` / ``world_size``: this process and the number of processes (Scenic's devices);
+    ``local_rank``: its index on its machine (its GPU); ``device``: where its model lives;
+    ``is_lead``: rank 0, the only one that writes checkpoints, summaries and the progress bar.
+    With ``world_size == 1`` every collective is a no-op and nothing of ``torch.distributed`` is touched.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+    owns_group: bool = False  # True when get_context() initialised the process group (it then destroys it)
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def is_lead(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # -- collectives -------------------------------------------------------------------------------------
+    def _comm_device(self) -> torch.device:
+        # nccl moves only CUDA tensors; gloo only CPU ones.
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def all_reduce_sum_(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each tensor over the processes, in place (Scenic's ``psum``); one collective per dtype."""
+        if not self.distributed or not tensors:
+            return
+        dist = _dist()
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for dtype, group in by_dtype.items():
+            flat = torch.cat([t.detach().reshape(-1).to(self._comm_device()) for t in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+    def all_reduce_metrics(self, metrics: Mapping[str, tuple[Any, Any]]) -> dict[str, tuple[float, float]]:
+        """Scenic's ``psum`` of a ``{name: (sum, count)}`` dict (float64 on the wire): the global pairs."""
+        names = sorted(metrics)
+        values = torch.tensor([[float(metrics[k][0]), float(metrics[k][1])] for k in names], dtype=torch.float64)
+        self.all_reduce_sum_([values])
+        return {k: (float(values[i, 0]), float(values[i, 1])) for i, k in enumerate(names)}
+
+    def barrier(self) -> None:
+        """Wait for every process (a no-op for one process)."""
+        if self.distributed:
+            dist = _dist()
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every process (pickled by torch.distributed: small Python objects only,
+        never weights)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        _dist().broadcast_object_list(box, src=src, device=self._comm_device())
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        _dist().all_gather_object(out, obj)
+        return out
+
+    def check_agree(self, name: str, value: str) -> None:
+        """Fail fast, on every rank, when the processes disagree on ``value`` (a config's JSON, a checkpoint
+        step, ...): one :class:`ConfigError` naming ``name``, the ranks and where the values first differ."""
+        values = self.all_gather_object(str(value))
+        first = values[0]
+        for rank, other in enumerate(values):
+            if other != first:
+                raise ConfigError(f"the processes disagree on {name}: {_first_difference(first, other, 0, rank)}; "
+                                  "expected the same on every rank (same command, same files)")  # fmt: skip
+
+    # -- models --------------------------------------------------------------------------------------------
+    def prepare(self, trainer: Any, *, fsdp: Optional[bool] = None) -> Any:
+        """Make ``trainer``'s gradients the MEAN of the per-process gradients (Scenic's ``pmean``).
+
+        DDP by default: ``trainer.forward_module = DistributedDataParallel(trainer.model)`` (DDP broadcasts
+        rank 0's parameters once, then averages gradients during backward: sum / world_size). With
+        ``fsdp=True`` (default: ``trainer.config.fsdp``) FSDP2's ``fully_shard`` shards the parameters, the
+        gradients and the optimiser state over the processes (see :func:`_prepare_fsdp`).
+        One process: nothing changes. Returns ``trainer``.
+        """
+        if fsdp is None:
+            config = getattr(trainer, "config", None) or {}
+            fsdp = bool(config.get("fsdp", False)) if hasattr(config, "get") else False
+        if not self.distributed:
+            trainer.forward_module = trainer.model
+            return trainer
+        if fsdp:
+            _prepare_fsdp(self, trainer)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # broadcast_buffers=False: the port's models have no buffers that training changes.
+            trainer.forward_module = DistributedDataParallel(trainer.model, device_ids=ids, broadcast_buffers=False)
+        return trainer
+
+    def shard(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """This process's rows of a GLOBAL batch (every array sliced on its first axis; Scenic's shard)."""
+        sizes = {k: len(v) for k, v in batch.items() if hasattr(v, "__len__")}
+        if len(set(sizes.values())) > 1:
+            raise ShapeError(f"batch: every entry must share the batch size, got {sizes}")
+        rows = shard_rows(next(iter(sizes.values())), self.rank, self.world_size)
+        return {k: (v[rows] if k in sizes else v) for k, v in batch.items()}
+
+    def close(self) -> None:
+        """Destroy the process group if :func:`get_context` made it (a user's own group is left alone)."""
+        if self.owns_group and self.distributed:
+            dist = _dist()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
+
+def _first_difference(a: str, b: str, rank_a: int, rank_b: int) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    lo = max(0, i - 30)
+    return f"rank {rank_a} has ...{a[lo:i + 40]!r}..., rank {rank_b} has ...{b[lo:i + 40]!r}... (from character {i})"
+
+
+def _prepare_fsdp(ctx: Context, trainer: Any) -> None:
+    """FSDP2: each encoder block and then the whole model ``fully_shard``-ed (torch >= 2.6).
+
+    The parameters become DTensors sharded on their first axis; FSDP2's reduce-scatter averages the
+    gradients (the same mean as DDP's all-reduce); the trainer's optimiser is rebuilt on the sharded
+    parameters, so its state is sharded too.
+    """
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as e:  # pragma: no cover - torch < 2.6
+        raise ConfigError(f"config.fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): {e}") from None
+    from ..layers import Encoder1DBlock
+
+    model = trainer.model
+    for module in list(model.modules()):
+        if isinstance(module, Encoder1DBlock):
+            fully_shard(module)
+    fully_shard(model)
+    trainer.forward_module = model
+    rebuild = getattr(trainer, "_reset_optimizer_keep_step", None) or getattr(trainer, "_rebuild_optimizer", None)
+    if rebuild is not None:
+        rebuild()
+
+
+def get_context(device: Optional[str | torch.device] = None, *, timeout_s: Optional[float] = None) -> Context:
+    """The data-parallel context of this process.
+
+    1. A process group the caller initialised: used as it is (its timeout is the caller's).
+    2. Else torchrun's environment (``WORLD_SIZE`` > 1 with ``RANK``): a process group is initialised,
+       nccl when ``device`` is CUDA (default: CUDA when available), gloo otherwise, with a collective timeout
+       of ``timeout_s`` seconds (default 600, or ``TOKENLEARNER_DIST_TIMEOUT``); one process per GPU
+       (``cuda:LOCAL_RANK``).
+    3. Else one process: rank 0 of 1 on ``device`` (default CPU).
+    """
+    dist = _dist()
+    timeout = _timeout_s(timeout_s)
+    env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    want = torch.device(device) if device is not None else None
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and env_world <= 1:
+        return Context(device=want or torch.device("cpu"), timeout_s=timeout)
+    if not dist.is_available():  # pragma: no cover - torch built without distributed
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    owns = False
+    if not initialised:
+        for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if key not in os.environ:
+                raise ConfigError(f"WORLD_SIZE={env_world} but {key} is not set; launch with torchrun "
+                                  "(or initialise torch.distributed yourself)")  # fmt: skip
+        if want is None:
+            want = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        backend = "nccl" if want.type == "cuda" else "gloo"
+        if want.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        owns = True
+    backend = str(dist.get_backend())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", rank if world <= max(1, torch.cuda.device_count()) else 0))
+    if want is None:
+        want = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+    if want.type == "cuda":
+        want = torch.device("cuda", want.index if want.index is not None else local)
+        torch.cuda.set_device(want)
+    return Context(rank=rank, world_size=world, local_rank=local, device=want, backend=backend,
+                   owns_group=owns, timeout_s=timeout)  # fmt: skip
