@@ -10,7 +10,7 @@ trainer clipping (``max_grad_norm``) -> the optax chain -> ``global_step += 1``.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -107,6 +107,11 @@ class ScenicTrainer:
             with torch.no_grad():
                 self.model.output_projection.bias.fill_(float(head_bias))
         self.model.train()
+        # The train-mode forward: the model itself, or its data-parallel wrapper (distributed.Context.prepare:
+        # DDP averages the gradients over processes during backward, Scenic's pmean).
+        self.forward_module: torch.nn.Module = self.model
+        # Called with the gradients after backward, before the trainer's clipping (e.g. a custom all-reduce).
+        self.grad_hook: Optional[Callable[[list[Tensor]], None]] = None
         self.loss_fn = ScenicClassificationLoss(
             MODEL_NAMES[model_name],
             num_classes=int(self.dataset_meta_data["num_classes"]),
@@ -208,13 +213,15 @@ class ScenicTrainer:
             inputs, label = mixup(inputs, label.to(torch.float32), mixup_weight,
                                   self.mixup_config.get("image_format", "NHWC"))
         self.model.train()
-        logits = self.model(inputs)
+        logits = self.forward_module(inputs)
         l2 = [s.param for s in self.specs if s.flax_ndim > 1] if self.loss_fn.l2_decay_factor is not None else None
         loss = self.loss_fn(logits, label, mask, l2)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
             grads = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
+            if self.grad_hook is not None:
+                self.grad_hook(grads)
             norm = global_norm(grads)
             logged = norm
             max_norm = self.config.get("max_grad_norm")
