@@ -118,3 +118,44 @@ def test_final_optimizer_state_matches_scenic(run):
             assert err <= (1e-4 if key != "nu" else 1e-3), f"{case.name}: {key}/{path} differs by {err:.3g}"
             compared += 1
     assert compared > 0
+
+
+def _stored_counts(node) -> list[int]:
+    """Every optax ``count`` in a stored opt_state (Adam's and the schedule's), in any nesting of the chain."""
+    if isinstance(node, dict):
+        return [c for key, value in node.items() for c in ([int(value)] if key == "count" else _stored_counts(value))]
+    return []
+
+
+def _port_counts(trainer) -> list[int]:
+    """The port's optax counts: one per counted transform (per-parameter copies of one value)."""
+    found: dict[str, set[int]] = {}
+
+    def walk(state: dict, prefix: str) -> None:
+        for key, value in state.items():
+            if key == "count":
+                found.setdefault(prefix, set()).add(int(value))
+            elif isinstance(value, dict):
+                walk(value, f"{prefix}/{key}")
+
+    for spec in trainer.specs:
+        walk(trainer.optimizer.state[spec.param], "")
+    assert all(len(values) == 1 for values in found.values()), found
+    return [next(iter(values)) for values in found.values()]
+
+
+def test_final_optimizer_counts_match_scenic(run):
+    """optax's step counts after K steps (Adam's bias-correction count and the schedule's): Scenic stores
+    K in each; the port must hold as many counters, each at K."""
+    case, trainer, _, _ = run
+    stored = _stored_counts(case.opt_state)
+    assert stored and set(stored) == {len(case.steps)}
+    assert sorted(_port_counts(trainer)) == sorted(stored), (case.name, _port_counts(trainer), stored)
+
+
+def test_every_stored_case_is_checked():
+    """The index names every case folder of tests/fixtures/train_goldens (a case copied in is never skipped)."""
+    from train_goldens import TRAIN_GOLDENS
+
+    folders = sorted(p.name for p in TRAIN_GOLDENS.iterdir() if (p / "config.json").is_file())
+    assert sorted(TRAIN_CASES) == folders and len(folders) == 7
