@@ -18,20 +18,39 @@ environment variable ``TOKENLEARNER_DIST_TIMEOUT``), so a dead rank is an error,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
 
-__all__ = ["Context", "get_context", "shard_rows", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Context", "PeerError", "get_context", "shard_rows", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 600.0
 _TIMEOUT_ENV = "TOKENLEARNER_DIST_TIMEOUT"
+
+
+class PeerError(RuntimeError):
+    """Another process of the job died or stopped answering: a collective failed or timed out."""
+
+
+@contextlib.contextmanager
+def _peer_errors(op: str, ctx: "Context") -> Iterator[None]:
+    """torch.distributed's errors of a failed collective (gloo: 'Connection reset by peer', 'Timed out ...';
+    nccl: DistBackendError) as one :class:`PeerError` line naming this rank and the operation."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError / DistNetworkError derive from RuntimeError
+        if isinstance(e, PeerError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerError(f"rank {ctx.rank}/{ctx.world_size}: {op} failed: another process died or did not answer "
+                        f"within {ctx.timeout_s:g} s ({first[:200]})") from None  # fmt: skip
 
 
 def _dist():
@@ -109,7 +128,8 @@ class Context:
             by_dtype.setdefault(t.dtype, []).append(t)
         for dtype, group in by_dtype.items():
             flat = torch.cat([t.detach().reshape(-1).to(self._comm_device()) for t in group])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            with _peer_errors("all_reduce", self):
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             offset = 0
             for t in group:
                 n = t.numel()
@@ -127,10 +147,11 @@ class Context:
         """Wait for every process (a no-op for one process)."""
         if self.distributed:
             dist = _dist()
-            if self.backend == "nccl":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+            with _peer_errors("barrier", self):
+                if self.backend == "nccl":
+                    dist.barrier(device_ids=[self.device.index])
+                else:
+                    dist.barrier()
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """``obj`` of rank ``src`` on every process (pickled by torch.distributed: small Python objects only,
@@ -138,7 +159,8 @@ class Context:
         if not self.distributed:
             return obj
         box = [obj if self.rank == src else None]
-        _dist().broadcast_object_list(box, src=src, device=self._comm_device())
+        with _peer_errors("broadcast", self):
+            _dist().broadcast_object_list(box, src=src, device=self._comm_device())
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -146,7 +168,8 @@ class Context:
         if not self.distributed:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        _dist().all_gather_object(out, obj)
+        with _peer_errors("all_gather", self):
+            _dist().all_gather_object(out, obj)
         return out
 
     def check_agree(self, name: str, value: str) -> None:
@@ -158,6 +181,13 @@ class Context:
             if other != first:
                 raise ConfigError(f"the processes disagree on {name}: {_first_difference(first, other, 0, rank)}; "
                                   "expected the same on every rank (same command, same files)")  # fmt: skip
+
+    def peer_errors(self, op: str = "training step") -> contextlib.AbstractContextManager[None]:
+        """Wrap work whose collectives torch runs itself (DDP's gradient all-reduce in backward): a dead or
+        silent peer becomes one :class:`PeerError` line instead of torch's multi-line report."""
+        if not self.distributed:
+            return contextlib.nullcontext()
+        return _peer_errors(op, self)
 
     # -- models --------------------------------------------------------------------------------------------
     def prepare(self, trainer: Any, *, fsdp: Optional[bool] = None) -> Any:

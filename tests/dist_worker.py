@@ -1,0 +1,193 @@
+"""One rank of the data-parallel tests (tests/test_training_distributed.py launches it as torchrun would:
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment).
+
+    python tests/dist_worker.py MODE OUTDIR
+
+Modes (each rank writes OUTDIR/rank<r>.json, and rank 0 the .npz files named below):
+  semantics  public_pmap2's 5 steps at the train_step level (ScenicTrainer + Context.prepare) with the
+             golden's per-device batch masks and its evaluations (a fully masked eval shard on rank 1), the DDP
+             gradient against the mean of per-process gradients, a 2-process vs 1-process run of the same
+             unmasked global batches, check_agree on disagreeing ranks.
+  fsdp       the unmasked run of ``semantics`` with config.fsdp = True (FSDP2) instead of DDP.
+  kill       rank 1 dies (os._exit) after one collective; rank 0 must get an error, not hang.
+  stall      rank 1 stops answering (sleeps); rank 0 must get an error after the collective timeout.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenlearner_torch.errors import ConfigError
+from tokenlearner_torch.training import ScenicTrainer
+from tokenlearner_torch.training.distributed import get_context
+
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "loop_goldens" / "public_pmap2"
+
+
+def _golden():
+    meta = json.loads((GOLDEN / "config.json").read_text())
+    batches = np.load(GOLDEN / "batches.npz")
+    evals = np.load(GOLDEN / "eval_batches.npz")
+    steps = [{k: batches[f"{k}_{i}"] for k in ("inputs", "label", "batch_mask")} for i in range(meta["steps"])]
+    eval_batches = [{k: evals[f"{k}_{j}"] for k in ("inputs", "label", "batch_mask")} for j in range(meta["eval_batches"])]
+    return meta, steps, eval_batches
+
+
+def _flat_params(trainer: ScenicTrainer) -> dict[str, np.ndarray]:
+    from tokenlearner_torch.weights_convert.layouts import flatten_tree
+
+    return {k: np.asarray(v) for k, v in flatten_tree(trainer.params()).items()}
+
+
+def _digest(params: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(params):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(params[k]).tobytes())
+    return h.hexdigest()
+
+
+def _evaluate(ctx, trainer: ScenicTrainer, eval_batches) -> dict[str, float]:
+    """Scenic's eval: each process's metrics (sum, count) over its shard, psum-ed, summed over the eval
+    batches, then normalised."""
+    total: dict[str, list[float]] = {}
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for batch in eval_batches:
+            local = ctx.shard(batch)
+            logits = model(torch.from_numpy(local["inputs"]))
+            metrics = trainer.loss_fn.metrics(logits, torch.from_numpy(local["label"]), torch.from_numpy(local["batch_mask"]))
+            for k, (s, n) in ctx.all_reduce_metrics(metrics).items():
+                acc = total.setdefault(k, [0.0, 0.0])
+                acc[0] += s
+                acc[1] += n
+    trainer.model.train()
+    return {k: s / n for k, (s, n) in total.items()}
+
+
+def _local_grads(trainer: ScenicTrainer, batch) -> list[torch.Tensor]:
+    """The gradient of this process's own loss (mean over its unmasked rows), on a plain copy of the model."""
+    model = copy.deepcopy(trainer.model).train()
+    logits = model(torch.from_numpy(batch["inputs"]))
+    loss = trainer.loss_fn(logits, torch.from_numpy(batch["label"]), torch.from_numpy(batch["batch_mask"]), None)
+    loss.backward()
+    named = dict(model.named_parameters())
+    return [named[trainer._torch_key[s.name]].grad.detach().clone() for s in trainer.specs]
+
+
+def _unmasked_run(ctx, meta, steps, *, fsdp: bool, n: int = 3) -> tuple[dict, dict]:
+    config = dict(meta["config"], fsdp=fsdp)
+    trainer = ScenicTrainer(config, meta["dataset_meta_data"])
+    trainer.load_params(GOLDEN / "workdir_step0" / "checkpoint_0")
+    ctx.prepare(trainer)
+    logs = []
+    for batch in steps[:n]:
+        batch = {k: v for k, v in batch.items() if k != "batch_mask"}
+        out = trainer.train_step(ctx.shard(batch))
+        logs.append({k: out[k] for k in ("learning_rate", "l2_grads", "l2_params", "l2_updates")})
+    return _flat_params(trainer), {"logs": logs}
+
+
+def semantics(ctx, out: Path) -> dict:
+    meta, steps, eval_batches = _golden()
+    result: dict = {}
+    trainer = ScenicTrainer(meta["config"], meta["dataset_meta_data"])
+    trainer.load_params(GOLDEN / "workdir_step0" / "checkpoint_0")
+    local0 = ctx.shard(steps[0])
+    mine = _local_grads(trainer, local0)  # before any step: the same parameters as the DDP step below
+    ctx.prepare(trainer)
+    captured: list[torch.Tensor] = []
+    trainer.grad_hook = lambda grads: captured.extend(g.detach().clone() for g in grads) if not captured else None
+    per_step, evals = [], {}
+    for i, batch in enumerate(steps):
+        logs = trainer.train_step(ctx.shard(batch))
+        metrics = ctx.all_reduce_metrics(logs["metrics"])
+        per_step.append({"step": i + 1, **{k: logs[k] for k in ("learning_rate", "l2_grads", "l2_params", "l2_updates")},
+                         "metrics": metrics})  # fmt: skip
+        if (i + 1) % meta["config"]["log_eval_steps"] == 1 or i + 1 == meta["steps"]:
+            evals[str(i + 1)] = _evaluate(ctx, trainer, eval_batches)
+    result["per_step"], result["evals"] = per_step, evals
+    # DDP's gradient vs the mean of the per-process gradients (gathered): bitwise for 2 processes.
+    gathered = ctx.all_gather_object([g.numpy() for g in mine])
+    mean = [sum(torch.from_numpy(g[k]) for g in gathered) / ctx.world_size for k in range(len(mine))]
+    result["ddp_vs_mean_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(captured, mean))
+    result["ddp_vs_own_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(captured, mine))
+    params = _flat_params(trainer)
+    result["params_digest"] = _digest(params)
+    if ctx.is_lead:
+        np.savez(out / "golden_params.npz", **params)
+    # 2 processes vs 1 process on the same unmasked global batches.
+    params2, logs2 = _unmasked_run(ctx, meta, steps, fsdp=False)
+    result["unmasked_digest"], result["unmasked_logs"] = _digest(params2), logs2["logs"]
+    if ctx.is_lead:
+        np.savez(out / "unmasked_2proc.npz", **params2)
+        from tokenlearner_torch.training.distributed import Context
+
+        params1, logs1 = _unmasked_run(Context(), meta, steps, fsdp=False)  # one process, whole batch
+        np.savez(out / "unmasked_1proc.npz", **params1)
+        result["unmasked_logs_1proc"] = logs1["logs"]
+    # Ranks that disagree: every rank gets the same one-line ConfigError.
+    ctx.check_agree("config", json.dumps(meta["config"], sort_keys=True))
+    try:
+        ctx.check_agree("checkpoint step", str(3 + ctx.rank))
+        result["disagree"] = None
+    except ConfigError as e:
+        result["disagree"] = str(e)
+    return result
+
+
+def fsdp(ctx, out: Path) -> dict:
+    meta, steps, _ = _golden()
+    params, logs = _unmasked_run(ctx, meta, steps, fsdp=True)
+    if ctx.is_lead:
+        np.savez(out / "unmasked_fsdp.npz", **params)
+    return {"params_digest": _digest(params), "logs": logs["logs"]}
+
+
+def fault(ctx, out: Path, how: str) -> dict:
+    t = torch.ones(4)
+    ctx.all_reduce_sum_([t])
+    if ctx.rank == 1:
+        if how == "kill":
+            os._exit(3)
+        time.sleep(3600)
+    start = time.monotonic()
+    try:
+        for _ in range(10**6):
+            ctx.all_reduce_sum_([t])
+    except Exception as e:  # noqa: BLE001 - the point: any error, no hang
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", "after_s": time.monotonic() - start}
+    return {"error": None}
+
+
+def main() -> int:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    timeout = float(os.environ.get("WORKER_TIMEOUT_S", "60"))
+    ctx = get_context("cpu", timeout_s=timeout)
+    result = {"rank": ctx.rank, "world_size": ctx.world_size}
+    if mode == "semantics":
+        result.update(semantics(ctx, out))
+    elif mode == "fsdp":
+        result.update(fsdp(ctx, out))
+    elif mode in ("kill", "stall"):
+        result.update(fault(ctx, out, mode))
+    tmp = out / f"rank{ctx.rank}.json.tmp"
+    tmp.write_text(json.dumps(result))
+    tmp.rename(out / f"rank{ctx.rank}.json")
+    if mode in ("kill", "stall"):
+        os._exit(0)  # the group cannot be destroyed cleanly with a dead peer
+    ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
