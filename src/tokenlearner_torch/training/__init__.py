@@ -2,8 +2,20 @@
 surgery and ``classification_trainer.train_step`` (docs/training.md).
 
 ``ScenicTrainer(config, dataset_meta_data)`` composes the pieces; each is usable on its own.
+``train(config=, dataset=, workdir=)`` is Scenic's ``classification_trainer.train()`` job around it, with
+Scenic's ``checkpoint_<step>`` files read and written both ways (``checkpoint.py``).
 """
 
+from .checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    list_checkpoints,
+    opt_state_from_tree,
+    opt_state_to_tree,
+    read_train_state,
+    restore_newest,
+    write_checkpoint,
+)
 from .config import cfg_get, load_config
 from .losses import (
     ScenicClassificationLoss,
@@ -25,9 +37,20 @@ from .surgery import (
     tile_positional_embeddings,
     zoom_linear,
 )
+from .loop import get_num_training_steps, train
 from .trainer import ScenicTrainer, build_model
 
 __all__ = [
+    "train",
+    "TrainState",
+    "get_num_training_steps",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "read_train_state",
+    "write_checkpoint",
+    "restore_newest",
+    "opt_state_to_tree",
+    "opt_state_from_tree",
     "ScenicTrainer",
     "build_model",
     "load_config",

@@ -149,11 +149,20 @@ class ScenicClassificationLoss(nn.Module):
 
     @torch.no_grad()
     def metrics(self, logits: Tensor, label: Tensor, batch_mask: Optional[Tensor] = None) -> dict[str, tuple[float, float]]:
-        """Scenic's train metrics ``{name: (sum, normalizer)}``: ``loss`` (unnormalised CE, no smoothing, no l2)
-        and ``accuracy`` + ``accuracy_top_5`` (softmax, 5 classes or more) or ``prec@1`` (sigmoid: the top-1
-        class is among the targets)."""
+        """Scenic's train metrics ``{name: (sum, normalizer)}`` as Python floats (see :meth:`metric_tensors`)."""
+        return {k: (float(v[0]), float(v[1])) for k, v in self.metric_tensors(logits, label, batch_mask).items()}
+
+    @torch.no_grad()
+    def metric_tensors(self, logits: Tensor, label: Tensor, batch_mask: Optional[Tensor] = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Scenic's metrics ``{name: (sum, normalizer)}`` as 0-d float32 tensors on the logits' device (no host
+        sync: the training loop accumulates them on the device, as Scenic does): ``loss`` (unnormalised CE, no
+        smoothing, no l2) and ``accuracy`` + ``accuracy_top_5`` (softmax, 5 classes or more) or ``prec@1``
+        (sigmoid: the top-1 class is among the targets)."""
         targets = self.targets(label)
-        n = float(batch_mask.sum()) if batch_mask is not None else float(targets.shape[0])
+        if batch_mask is not None:
+            n = batch_mask.to(torch.float32).sum()
+        else:
+            n = torch.tensor(float(targets.shape[0]), dtype=torch.float32, device=logits.device)
         if self.kind == "softmax":
             ce = weighted_unnormalized_softmax_cross_entropy(logits, targets, batch_mask)
             correct = (logits.argmax(-1) == targets.argmax(-1)).to(torch.float32)
@@ -164,10 +173,10 @@ class ScenicClassificationLoss(nn.Module):
             correct = torch.gather(targets, -1, top).squeeze(-1)
             name = "prec@1"
         w = batch_mask.to(torch.float32) if batch_mask is not None else torch.ones_like(correct)
-        out = {"loss": (float(ce.sum()), n), name: (float((correct * w).sum()), n)}
+        out = {"loss": (ce.sum(), n), name: ((correct * w).sum(), n)}
         if self.kind == "softmax" and self.num_classes >= 5:
             # TokenLearnerClassificationModel uses ViViT's metrics (top-5 too); with fewer than 5 classes
             # Scenic's metric raises ValueError: the port leaves it out.
             top5 = (logits.topk(5, dim=-1).indices == targets.argmax(-1, keepdim=True)).any(-1).to(torch.float32)
-            out["accuracy_top_5"] = (float((top5 * w).sum()), n)
+            out["accuracy_top_5"] = ((top5 * w).sum(), n)
         return out

@@ -20,7 +20,7 @@ from ..errors import ConfigError, ShapeError
 from .config import cfg_get, load_config
 from .losses import ScenicClassificationLoss
 from .mixup import mixup, sample_mixup_weight
-from .optim import OptaxChain, ParamSpec, clip_grads, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
+from .optim import OptaxChain, ParamSpec, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
 from .schedules import get_learning_rate_fn
 from .surgery import init_token_learner_from_train_state
 
@@ -121,6 +121,11 @@ class ScenicTrainer:
         )
         self.lr_fn = get_learning_rate_fn(self.config)
         self.optimizer_config = get_optax_optimizer_config(self.config)
+        #: The module called for the train-mode forward (a DDP wrapper of ``model`` in distributed runs).
+        self.forward_module: torch.nn.Module = self.model
+        #: Called with the gradients in ``specs`` order right after backward and BEFORE any clipping (the
+        #: distributed context averages them here, Scenic's ``pmean`` of the gradients).
+        self.grad_hook: Optional[Callable[[list[Tensor]], None]] = None
         self._reset_optimizer()
 
     # -- parameters ------------------------------------------------------------------------------------
@@ -198,13 +203,13 @@ class ScenicTrainer:
             raise ShapeError(f"batch: inputs {tuple(inputs.shape)}, label {tuple(label.shape)} and batch_mask must share the batch size")
         return inputs, label, mask_t
 
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """One Scenic training step on ``batch`` (``inputs`` [B, H, W, C] or [B, T, H, W, C], ``label``,
-        optional ``batch_mask`` [B]; numpy or torch).
+    def step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """One Scenic training step, its logs left on the device (no host synchronisation: the loop
+        accumulates them there, as Scenic accumulates its metrics on the accelerator).
 
-        Returns ``loss`` (the differentiated objective), ``learning_rate`` (``lr_fn(step)`` before the update),
-        ``grad_norm`` (global gradient norm before clipping), ``l2_grads`` (after clipping, Scenic's log),
-        ``l2_params``, ``l2_updates`` and ``metrics`` (``{name: (sum, normalizer)}``, Scenic's train metrics).
+        Returns 0-d tensors ``loss``, ``grad_norm`` (before clipping), ``l2_grads`` (after clipping, Scenic's
+        log), ``l2_params``, ``l2_updates``, ``learning_rate`` (float32 ``lr_fn(step)`` before the update),
+        ``metrics`` (``{name: (sum, normalizer)}`` tensors) and, with mixup, ``mixup_weight`` (a float).
         """
         inputs, label, mask = self._batch(batch)
         mixup_weight = None
@@ -226,22 +231,115 @@ class ScenicTrainer:
             logged = norm
             max_norm = self.config.get("max_grad_norm")
             if max_norm is not None:
-                clipped, _ = clip_grads(grads, float(max_norm))
+                # jax.example_libraries' clip_grads without a host sync: g * 1 is g bit for bit, so the
+                # unclipped branch equals clip_grads' `return grads`.
+                scale = torch.where(norm < float(max_norm), torch.ones_like(norm), _f32(float(max_norm), norm) / norm)
+                clipped = [g * scale for g in grads]
                 for s, g in zip(self.specs, clipped):
                     s.param.grad = g
                 logged = global_norm(clipped)
-        lr = self.lr_fn(self.global_step)
+            else:
+                for s, g in zip(self.specs, grads):  # the hook may have replaced them (averaged copies)
+                    s.param.grad = g
+        lr = float(np.float32(self.lr_fn(self.global_step)))
         self.optimizer.step()
         self.global_step += 1
         with torch.no_grad():
             l2_params = global_norm([s.param for s in self.specs])
         return {
-            "loss": float(loss.detach()),
-            "learning_rate": float(lr),
-            "grad_norm": float(norm),
-            "l2_grads": float(logged),
-            "l2_params": float(l2_params),
-            "l2_updates": float(self.optimizer.last_updates_norm),
-            "metrics": self.loss_fn.metrics(logits.detach(), label, mask),
+            "loss": loss.detach(),
+            "learning_rate": torch.tensor(lr, dtype=torch.float32),
+            "grad_norm": norm,
+            "l2_grads": logged,
+            "l2_params": l2_params,
+            "l2_updates": self.optimizer.last_updates_norm,
+            "metrics": self.loss_fn.metric_tensors(logits.detach(), label, mask),
             **({"mixup_weight": mixup_weight} if mixup_weight is not None else {}),
         }
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """One Scenic training step on ``batch`` (``inputs`` [B, H, W, C] or [B, T, H, W, C], ``label``,
+        optional ``batch_mask`` [B]; numpy or torch).
+
+        Returns ``loss`` (the differentiated objective), ``learning_rate`` (``lr_fn(step)`` before the update),
+        ``grad_norm`` (global gradient norm before clipping), ``l2_grads`` (after clipping, Scenic's log),
+        ``l2_params``, ``l2_updates`` and ``metrics`` (``{name: (sum, normalizer)}``, Scenic's train metrics),
+        all as Python floats (:meth:`step` leaves them on the device).
+        """
+        logs = self.step(batch)
+        out: dict[str, Any] = {k: float(v) for k, v in logs.items() if k not in ("metrics", "mixup_weight")}
+        out["metrics"] = {k: (float(a), float(b)) for k, (a, b) in logs["metrics"].items()}
+        if "mixup_weight" in logs:
+            out["mixup_weight"] = logs["mixup_weight"]
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, batch: Mapping[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Scenic's ``eval_step``: a deterministic forward (``train=False``) and the validation metrics with
+        the batch's ``batch_mask``; ``{name: (sum, normalizer)}`` as 0-d tensors on the device."""
+        inputs, label, mask = self._batch(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(inputs)
+        finally:
+            self.model.train(was_training)
+        return self.loss_fn.metric_tensors(logits, label, mask)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def num_trainable_params(self) -> int:
+        """Scenic's ``num_trainable_params``: the number of entries of the parameter tree."""
+        return sum(s.param.numel() for s in self.specs)
+
+    def opt_state_tree(self) -> dict[str, Any]:
+        """The optimiser state as optax lays it out (``flax.serialization.to_state_dict(tx.init(params))``
+        of the chain Scenic builds), numpy arrays in Flax layouts: what Scenic's TrainState checkpoints hold."""
+        from .checkpoint import opt_state_to_tree
+
+        return opt_state_to_tree(self.optimizer, self._leaf_to_flax)
+
+    def load_opt_state_tree(self, tree: Mapping[str, Any]) -> None:
+        """Set the optimiser state from optax's tree (see :meth:`opt_state_tree`); a tree of another chain or
+        model raises :class:`~tokenlearner_torch.errors.CheckpointError` naming what does not fit."""
+        from .checkpoint import opt_state_from_tree
+
+        opt_state_from_tree(self.optimizer, tree, self._leaf_to_torch)
+
+    def _leaves(self) -> dict[str, Any]:
+        from ..weights_convert.mapping import leaf_table
+
+        if getattr(self, "_leaf_by_path", None) is None:
+            self._leaf_by_path = {leaf.flax_path: leaf for leaf in leaf_table(self.model)}
+        return self._leaf_by_path
+
+    def _leaf_to_flax(self, flax_path: str, t: Tensor) -> np.ndarray:
+        leaf = self._leaves()[flax_path]
+        return np.array(leaf.rule.to_flax(t.detach().cpu().numpy(), leaf.module), copy=True)
+
+    def _leaf_to_torch(self, flax_path: str, arr: np.ndarray) -> Tensor:
+        leaf = self._leaves()[flax_path]
+        out = np.ascontiguousarray(leaf.rule.to_torch(np.asarray(arr), leaf.module))
+        return torch.from_numpy(out.copy()).to(self.device)
+
+    def rng_state(self) -> dict[str, np.ndarray]:
+        """The torch random state this run draws from (dropout: the global generator(s); mixup: its own),
+        as uint8 arrays, so a resumed run draws the same numbers."""
+        out = {"torch_cpu": torch.get_rng_state().numpy().copy(),
+               "mixup": self.mixup_generator.get_state().numpy().copy()}  # fmt: skip
+        if self.device.type == "cuda":
+            out["torch_cuda"] = torch.cuda.get_rng_state(self.device).numpy().copy()
+        return out
+
+    def set_rng_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`rng_state` returned (missing entries are left as they are)."""
+        if "torch_cpu" in state:
+            torch.set_rng_state(torch.from_numpy(np.array(state["torch_cpu"], dtype=np.uint8)))
+        if "mixup" in state:
+            self.mixup_generator.set_state(torch.from_numpy(np.array(state["mixup"], dtype=np.uint8)))
+        if "torch_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(state["torch_cuda"], dtype=np.uint8)), self.device)
+
+
+def _f32(x: float, like: Tensor) -> Tensor:
+    """A Python number as a 0-d tensor of ``like``'s dtype and device (JAX's weakly typed scalar)."""
+    return torch.tensor(x, dtype=like.dtype, device=like.device)
