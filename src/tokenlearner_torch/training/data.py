@@ -344,6 +344,9 @@ class _ImageFolderSource(_Source):
 
 
 # -- batches -------------------------------------------------------------------------------------------------
+_ERROR_KEY = "__tokenlearner_error__"
+
+
 def _identity(x: Any) -> Any:  # DataLoader's convert function: keep numpy (module level: picklable)
     return x
 
@@ -380,9 +383,13 @@ class _Batches:
             out["label"] = out["label"] * mask[:, None]
         return out
 
-    def __getitem__(self, key: tuple[str, int]) -> dict[str, np.ndarray]:
+    def __getitem__(self, key: tuple[str, int]) -> dict[str, Any]:
         kind, i = key
-        return self.train(i) if kind == "train" else self.eval(i)
+        try:
+            return self.train(i) if kind == "train" else self.eval(i)
+        except TokenLearnerError as e:
+            # Handed back as data: a DataLoader worker would re-raise it wrapped in a multi-line traceback text.
+            return {_ERROR_KEY: (type(e).__name__, str(e))}
 
 
 class _Keys:
@@ -424,8 +431,13 @@ class _Stream:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        assert self._it is not None
-        return next(self._it)
+        if self._it is None:
+            raise StopIteration
+        batch = next(self._it)
+        if _ERROR_KEY in batch:
+            kind, text = batch[_ERROR_KEY]
+            raise (ConfigError if kind == "ConfigError" else DataError)(text)
+        return batch
 
     def close(self) -> None:
         it, self._it = self._it, None
