@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from tokenlearner_torch.conventions import FOLDER_FORMAT_VERSION
 from tokenlearner_torch.errors import CheckpointError, ConfigError, ConversionError
 
 from .layouts import LeafRule, rule_from_flax
@@ -35,7 +36,7 @@ __all__ = ["OutputError", "DTYPE_POLICIES", "PlannedLeaf", "Plan", "make_plan", 
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = FOLDER_FORMAT_VERSION  # one number for the converter and save_pretrained
 DTYPE_POLICIES = ("keep", "float32", "bfloat16")
 
 # safetensors dtype codes (the format's spec) for what Flax checkpoints hold.

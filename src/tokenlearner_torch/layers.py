@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
 from .errors import ShapeError
-from .hub import HubMixin
+from .conventions import HubMixin
 from . import cpu_gemm, flax_numerics
 from . import initializers as init
 from .numerics_mode import get_layer_norm_numerics

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import initializers as init
 from .errors import ConfigError, ShapeError
-from .hub import HubMixin
+from .conventions import HubMixin
 from .layers import (
     AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, HeadsProjection, Identity, LayerNorm, _check_rank,
 )  # fmt: skip

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
+from .conventions import SCENIC_NAMES, scenic_fields
 from .errors import ConfigError
 from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock
 from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
@@ -15,19 +16,14 @@ from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 __all__ = ["from_scenic", "SCENIC_CLASSES"]
 
-# Scenic's module path -> the port. Short names are the last component.
+# Scenic's module path -> the port (the names: conventions.SCENIC_NAMES). Short names are the last component.
 SCENIC_CLASSES: dict[str, type[nn.Module]] = {
-    "scenic.projects.token_learner.model.TokenLearnerModule": TokenLearnerModule,
-    "scenic.projects.token_learner.model.TokenLearnerModuleV11": TokenLearnerModuleV11,
-    "scenic.projects.token_learner.model.TokenFuser": TokenFuser,
-    "scenic.projects.token_learner.model.EncoderMod": EncoderMod,
-    "scenic.projects.token_learner.model.EncoderModFuser": EncoderModFuser,
-    "scenic.projects.token_learner.model.TokenLearnerViT": TokenLearnerViT,
-    "scenic.projects.token_learner.model.TokenLearnerViTRepresentation": TokenLearnerViTRepresentation,
-    "scenic.projects.baselines.vit.Encoder1DBlock": Encoder1DBlock,
-    "scenic.projects.baselines.vit.AddPositionEmbs": AddPositionEmbs,
-    "scenic.model_lib.layers.attention_layers.MlpBlock": MlpBlock,
-}
+    SCENIC_NAMES[cls.__name__]: cls
+    for cls in (
+        TokenLearnerModule, TokenLearnerModuleV11, TokenFuser, EncoderMod, EncoderModFuser, TokenLearnerViT,
+        TokenLearnerViTRepresentation, Encoder1DBlock, AddPositionEmbs, MlpBlock,
+    )
+}  # fmt: skip
 _SHORT = {name.rsplit(".", 1)[1]: cls for name, cls in SCENIC_CLASSES.items()}
 # Scenic fields that hold initialisers or functions: not expressible in a config.json, not accepted.
 _SCENIC_ONLY = {"AddPositionEmbs": {"posemb_init"}}
@@ -42,14 +38,8 @@ def _resolve(scenic_class: str) -> type[nn.Module]:
     raise ConfigError(f"unknown Scenic class {scenic_class!r}; expected one of {known} (short or dotted name)")
 
 
-def _scenic_parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
-    """The constructor parameters that are Scenic fields (keyword-only ones are the port's own extras)."""
-    sig = inspect.signature(cls.__init__)
-    return {
-        n: p
-        for n, p in sig.parameters.items()
-        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)
-    }
+# The constructor parameters that are Scenic fields (keyword-only ones are the port's own extras).
+_scenic_parameters = scenic_fields
 
 
 def from_scenic(

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import initializers as init
 from .errors import ShapeError
-from .hub import HubMixin
+from .conventions import HubMixin
 from .layers import Conv, Dense, Dropout, LayerNorm, MlpBlock, gelu
 from .shapes import build_parameters
 

@@ -1,0 +1,179 @@
+"""The house: the package's import graph has no circle, and ``help(tokenlearner_torch)`` stays short.
+
+The import graph is read from the source with ``ast`` (nothing is imported): every module under
+``tokenlearner_torch`` (``src/tokenlearner_torch``, and ``weights_convert/`` and ``parity/``, which install as its
+subpackages), with an edge for every ``import`` / ``from ... import`` of another of its modules, at module level
+and inside functions alike (a function-level import is a circle that waits for its first call). Importing
+``a.b.c`` runs ``a.b``'s ``__init__`` too, so that is an edge as well. Imports under ``if TYPE_CHECKING:``
+never run and are not edges.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {
+    "tokenlearner_torch": ROOT / "src" / "tokenlearner_torch",
+    "tokenlearner_torch.weights_convert": ROOT / "weights_convert",
+    "tokenlearner_torch.parity": ROOT / "parity",
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the installed package."""
+    found = {}
+    for package, folder in PACKAGE_DIRS.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST, in_function: bool = False):
+    """``(node, in_function)`` for every import statement that can run (not under ``if TYPE_CHECKING:``)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                yield from _imports(ast.Module(body=[child], type_ignores=[]), in_function)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, in_function
+        yield from _imports(node, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
+def _targets(module: str, path: Path, node: ast.Import | ast.ImportFrom, modules: dict[str, Path]) -> set[str]:
+    """The package modules an import statement runs: the named module and every package above it."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+        if node.level:
+            base = base[: len(base) - (node.level - 1)]
+            origin = ".".join(base + ([node.module] if node.module else []))
+        else:
+            origin = node.module or ""
+        # `from a import b`: b may be a submodule (then it is imported) or a name defined in a
+        names = [f"{origin}.{alias.name}" if f"{origin}.{alias.name}" in modules else origin for alias in node.names]
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
+            prefix = ".".join(parts[:i])
+            if prefix in modules and prefix != module and not module.startswith(prefix + "."):
+                out.add(prefix)
+    return out
+
+
+def import_graph(function_level: bool = True) -> dict[str, dict[str, str]]:
+    """``{module: {imported module: "line N (module level|in a function)"}}`` of the package."""
+    modules = _modules()
+    graph: dict[str, dict[str, str]] = {m: {} for m in modules}
+    for module, path in modules.items():
+        for node, in_function in _imports(ast.parse(path.read_text(), str(path))):
+            if in_function and not function_level:
+                continue
+            where = f"line {node.lineno} ({'in a function' if in_function else 'module level'})"
+            for target in _targets(module, path, node, modules):
+                graph[module].setdefault(target, where)
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, str]]) -> list[str] | None:
+    """One import circle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search, deterministic order)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start)
+            if found:
+                return found
+    return None
+
+
+def _describe(cycle: list[str], graph: dict[str, dict[str, str]]) -> str:
+    short = lambda m: m.removeprefix("tokenlearner_torch.")  # noqa: E731
+    return " -> ".join(
+        f"{short(a)} ({graph[a][b]})" for a, b in zip(cycle, cycle[1:])
+    ) + f" -> {short(cycle[-1])}"
+
+
+@pytest.mark.parametrize("function_level", [False, True], ids=["module-level", "with-function-level"])
+def test_the_package_has_no_import_circle(function_level):
+    graph = import_graph(function_level)
+    assert len(graph) > 40 and "tokenlearner_torch.conventions" in graph  # the walk found the package
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import circle: {_describe(cycle, graph)}"
+
+
+def test_the_cycle_finder_finds_circles():
+    """The finder itself, on a graph with a known circle and on the package's graph with one edge added."""
+    toy = {"a": {"b": "x"}, "b": {"c": "x"}, "c": {"a": "x"}, "d": {"a": "x"}}
+    assert find_cycle(toy) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": "x"}, "b": {}}) is None
+    graph = import_graph(False)
+    assert find_cycle(graph) is None
+    # The circle this file was written against: the modules' base class importing the class registry.
+    graph["tokenlearner_torch.conventions"]["tokenlearner_torch.scenic"] = "added by the test"
+    cycle = find_cycle(graph)
+    assert cycle is not None and "tokenlearner_torch.conventions" in cycle and "tokenlearner_torch.scenic" in cycle
+    assert "conventions (added by the test) -> scenic" in _describe(cycle, graph)
+
+
+def test_edges_are_read_at_both_levels():
+    """Known imports, so a parser that silently sees nothing fails here: a module-level one, a function-level
+    one, a package __init__ that an import runs, and a TYPE_CHECKING-only one that is not an edge."""
+    graph = import_graph(True)
+    models = graph["tokenlearner_torch.models"]
+    assert "module level" in models["tokenlearner_torch.conventions"]
+    assert "module level" in models["tokenlearner_torch.layers"]
+    pretrained = graph["tokenlearner_torch.weights_convert.pretrained"]
+    assert "in a function" in pretrained["tokenlearner_torch.scenic"]
+    hub = graph["tokenlearner_torch.hub"]
+    assert "tokenlearner_torch.weights_convert" in hub  # `from .weights_convert.pretrained import ...` runs its __init__
+    assert "tokenlearner_torch.scenic" not in graph["tokenlearner_torch"]  # TYPE_CHECKING only
+    assert "tokenlearner_torch.scenic" not in import_graph(False)["tokenlearner_torch.weights_convert.pretrained"]
+
+
+def test_the_convention_floor_imports_no_model():
+    """conventions.py (HubMixin, the Scenic names) imports nothing of the package but errors, and importing it
+    loads no model module (nor torch: the converter imports it while torch loads in a thread)."""
+    graph = import_graph(True)
+    assert set(graph["tokenlearner_torch.conventions"]) == {"tokenlearner_torch.errors"}
+    code = (
+        "import sys, tokenlearner_torch.conventions as c\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tokenlearner_torch.') or m == 'torch'))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    # the package's own __init__ loads _lazy (its lazy-export helper) and errors, nothing else
+    expected = ["tokenlearner_torch._lazy", "tokenlearner_torch.conventions", "tokenlearner_torch.errors"]
+    assert res.stdout.strip() == str(expected), res.stdout
