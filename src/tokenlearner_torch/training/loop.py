@@ -76,7 +76,7 @@ def _context(device: Optional[torch.device]) -> Any:
         from .distributed import get_context  # the "dist" engineer's module (issue 18)
     except ImportError:
         return _SingleProcess(device)
-    return get_context()
+    return get_context(device)
 
 
 def get_num_training_steps(config: Mapping[str, Any], meta_data: Mapping[str, Any]) -> tuple[int, Optional[int]]:
