@@ -12,7 +12,7 @@ from tokenlearner_torch import layers
 
 PUBLIC = sorted(
     {n for n in layers.__all__ if isinstance(getattr(layers, n), type)}
-    | {n for n in tl.__all__ if isinstance(getattr(tl, n), type) and issubclass(getattr(tl, n), nn.Module)}
+    | {n for n in dir(tl) if isinstance(getattr(tl, n), type) and issubclass(getattr(tl, n), nn.Module)}
 )
 
 

@@ -177,3 +177,29 @@ def test_the_convention_floor_imports_no_model():
     # the package's own __init__ loads _lazy (its lazy-export helper) and errors, nothing else
     expected = ["tokenlearner_torch._lazy", "tokenlearner_torch.conventions", "tokenlearner_torch.errors"]
     assert res.stdout.strip() == str(expected), res.stdout
+
+
+def test_help_of_the_package_is_short_and_says_where_to_start():
+    """help(tokenlearner_torch) is a page, not 13,000 lines of nn.Module methods: the docstring names the
+    commands and the places to start; the classes are attributes (dir() lists them) documented in their
+    modules, and help() on one of them still shows its own constructor."""
+    import pydoc
+
+    import tokenlearner_torch as tl
+
+    text = pydoc.render_doc(tl, renderer=pydoc.plaintext)
+    lines = text.splitlines()
+    assert len(lines) < 400, len(lines)
+    assert text.count("Methods inherited from torch.nn.modules.module.Module") == 0
+    doc = tl.__doc__
+    for name in ("tokenlearner-convert", "tokenlearner-parity", "tokenlearner-viz", "tokenlearner-train",
+                 "load_pretrained", "from_scenic", "tokenlearner_torch.training", "tokenlearner_torch.viz",
+                 "README.md", "docs/"):
+        assert name in doc, name
+    for name in ("TokenLearnerViT", "TokenFuser", "ShapeError", "ConfigError"):
+        assert name in dir(tl) and name in doc, name
+    from tokenlearner_torch import ShapeError, TokenLearnerViT  # explicit imports still work
+
+    assert issubclass(ShapeError, tl.TokenLearnerError)
+    vit_help = pydoc.render_doc(TokenLearnerViT, renderer=pydoc.plaintext)
+    assert "num_classes" in vit_help and "forward_features" in vit_help

@@ -19,8 +19,8 @@ def lazy_exports(
     (``("weights_convert",)``). To export a new public name, add it to the table (and to ``__all__``, which
     the packages build from the table); a new public subpackage, to ``submodules``.
 
-    ``__dir__`` (and so ``dir()``, ``help()`` and tab completion) shows the public API only: ``__all__``, the
-    public subpackages and the standard module attributes; not the helpers an ``__init__`` uses itself, nor
+    ``__dir__`` (and so ``dir()`` and tab completion) shows the public API only: ``__all__``, the lazy names,
+    the public subpackages and the standard module attributes; not the helpers an ``__init__`` uses itself, nor
     these two functions.
 
     Why lazily: importing torch costs 2-3 s of `tokenlearner-convert`'s start-up, which it spends reading the
@@ -39,7 +39,8 @@ def lazy_exports(
         return value
 
     def __dir__() -> list[str]:
-        public = set(namespace.get("__all__", table)) | set(submodules)
+        # __all__ may leave out lazy names (the package keeps its classes out of help()): dir() lists them all.
+        public = set(namespace.get("__all__", ())) | set(table) | set(submodules)
         return sorted(public | {n for n in _MODULE_DUNDERS if n in namespace})
 
     return __getattr__, __dir__
