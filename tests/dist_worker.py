@@ -89,12 +89,17 @@ def _unmasked_run(ctx, meta, steps, *, fsdp: bool, n: int = 3) -> tuple[dict, di
     trainer = ScenicTrainer(config, meta["dataset_meta_data"])
     trainer.load_params(GOLDEN / "workdir_step0" / "checkpoint_0")
     ctx.prepare(trainer)
+    # What this process holds: FSDP2 keeps a shard of each parameter and of its optimiser moments.
+    local = sum(getattr(s.param, "_local_tensor", s.param).numel() for s in trainer.specs)
+    mu = [st[k]["mu"] for st in trainer.optimizer.state.values() for k in st if isinstance(st[k], dict) and "mu" in st[k]]
+    held = {"local_param_numel": local, "total_param_numel": sum(s.param.numel() for s in trainer.specs),
+            "local_mu_numel": sum(getattr(m, "_local_tensor", m).numel() for m in mu)}  # fmt: skip
     logs = []
     for batch in steps[:n]:
         batch = {k: v for k, v in batch.items() if k != "batch_mask"}
         out = trainer.train_step(ctx.shard(batch))
         logs.append({k: out[k] for k in ("learning_rate", "l2_grads", "l2_params", "l2_updates")})
-    return _flat_params(trainer), {"logs": logs}
+    return _flat_params(trainer), {"logs": logs, "held": held}
 
 
 def semantics(ctx, out: Path) -> dict:
@@ -150,7 +155,7 @@ def fsdp(ctx, out: Path) -> dict:
     params, logs = _unmasked_run(ctx, meta, steps, fsdp=True)
     if ctx.is_lead:
         np.savez(out / "unmasked_fsdp.npz", **params)
-    return {"params_digest": _digest(params), "logs": logs["logs"]}
+    return {"params_digest": _digest(params), "logs": logs["logs"], "held": logs["held"]}
 
 
 def fault(ctx, out: Path, how: str) -> dict:

@@ -187,6 +187,29 @@ def test_two_processes_equal_one_process(semantics, golden):
             assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(b[key])), (key, a[key], b[key])
 
 
+@pytest.mark.slow
+def test_fsdp2_equals_ddp(semantics, golden, tmp_path):
+    """config.fsdp = True (FSDP2's fully_shard) on 2 processes: each holds half of the parameters and of the
+    Adam moments, and after 3 steps the parameters equal DDP's (1e-6; noise-sensitive ones 1e-2), bitwise
+    equal on both ranks once gathered."""
+    ddp_results, ddp_out = semantics
+    results, _ = launch("fsdp", tmp_path)
+    assert results[0]["params_digest"] == results[1]["params_digest"]
+    for r in results:
+        held = r["held"]
+        assert held["local_param_numel"] < 0.6 * held["total_param_numel"], held
+        assert held["local_mu_numel"] == held["local_param_numel"], held
+    fsdp = dict(np.load(tmp_path / "unmasked_fsdp.npz"))
+    ddp = dict(np.load(ddp_out / "unmasked_2proc.npz"))
+    noise = set(golden["noise_sensitive_params"])
+    worst = max((float(np.abs(fsdp[k] - ddp[k]).max()), k) for k in ddp if k not in noise)
+    assert worst[0] <= 1e-6, worst
+    assert max(float(np.abs(fsdp[k] - ddp[k]).max()) for k in noise) <= NOISE_PARAM_TOL
+    for a, b in zip(results[0]["logs"], ddp_results[0]["unmasked_logs"]):
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(b[key])), (key, a[key], b[key])
+
+
 def test_ranks_that_disagree_fail_fast(semantics):
     """check_agree: every rank raises the same one-line ConfigError naming what differs."""
     results, _ = semantics

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -211,8 +212,7 @@ class Context:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # broadcast_buffers=False: the port's models have no buffers that training changes.
-            trainer.forward_module = DistributedDataParallel(trainer.model, device_ids=ids, broadcast_buffers=False)
+            trainer.forward_module = DistributedDataParallel(trainer.model, device_ids=ids)
         return trainer
 
     def shard(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,27 +239,68 @@ def _first_difference(a: str, b: str, rank_a: int, rank_b: int) -> str:
 
 
 def _prepare_fsdp(ctx: Context, trainer: Any) -> None:
-    """FSDP2: each encoder block and then the whole model ``fully_shard``-ed (torch >= 2.6).
+    """FSDP2: each encoder block, then the whole model, ``fully_shard``-ed (torch >= 2.6).
 
-    The parameters become DTensors sharded on their first axis; FSDP2's reduce-scatter averages the
-    gradients (the same mean as DDP's all-reduce); the trainer's optimiser is rebuilt on the sharded
-    parameters, so its state is sharded too.
+    The parameters become DTensors sharded on their first axis over the processes; FSDP2's reduce-scatter
+    averages the gradients (``ReduceOp.AVG``: the same mean as DDP's, Scenic's ``pmean``), so each process
+    holds its shard of the mean gradient. The trainer's optax chain is rebuilt on the sharded parameters, its
+    state (restored moments included) sharded the same way: every elementwise step runs on the local shard,
+    and the global norms (clipping, ``l2_*`` logs) are DTensor reductions over all shards. ``trainer.params()``
+    gathers the full tree (a collective: EVERY rank must call it; rank 0 then writes Scenic's format).
     """
     try:
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor.experimental import implicit_replication
     except ImportError as e:  # pragma: no cover - torch < 2.6
         raise ConfigError(f"config.fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard): {e}") from None
     from ..layers import Encoder1DBlock
+    from .optim import ParamSpec, scenic_optimizer
 
     model = trainer.model
+    old_specs = list(trainer.specs)
+    old_states = [trainer.optimizer.state[s.param] for s in old_specs]
+    step_count = trainer.global_step
     for module in list(model.modules()):
         if isinstance(module, Encoder1DBlock):
             fully_shard(module)
     fully_shard(model)
+    named = dict(model.named_parameters())
+    specs = [ParamSpec(s.name, named[trainer._torch_key[s.name]], s.flax_ndim) for s in old_specs]
+    optimizer = scenic_optimizer(trainer.optimizer_config, trainer.lr_fn, specs)
+    for old, new, state in zip(old_specs, specs, old_states):
+        target = optimizer.state[new.param]
+        for index, sub in state.items():
+            for key, value in sub.items():
+                if isinstance(value, Tensor) and value.shape == old.param.shape and value.dim() > 0:
+                    value = distribute_tensor(value.detach(), new.param.device_mesh, new.param.placements)
+                elif isinstance(value, Tensor):
+                    value = value.detach().clone()
+                target.setdefault(index, {})[key] = value
+    trainer.specs, trainer.optimizer, trainer.global_step = specs, optimizer, step_count
     trainer.forward_module = model
-    rebuild = getattr(trainer, "_reset_optimizer_keep_step", None) or getattr(trainer, "_rebuild_optimizer", None)
-    if rebuild is not None:
-        rebuild()
+
+    def _wrap(fn: Any) -> Any:
+        # The optax chain mixes DTensors with plain 0-d tensors (learning rate, clipping scale): replicated.
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with implicit_replication():
+                return fn(*args, **kwargs)
+
+        return run
+
+    for name in ("step", "train_step", "eval_step"):
+        if hasattr(trainer, name):
+            setattr(trainer, name, _wrap(getattr(trainer, name)))
+
+    def full_params() -> dict[str, Any]:
+        from ..weights_convert.layouts import flatten_tree, unflatten_tree
+        from ..weights_convert.mapping import torch_to_flax
+
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
+        tree = torch_to_flax(model, state)
+        return unflatten_tree({k: np.array(v, copy=True) for k, v in flatten_tree(tree).items()})
+
+    trainer.params = full_params
 
 
 def get_context(device: Optional[str | torch.device] = None, *, timeout_s: Optional[float] = None) -> Context:
