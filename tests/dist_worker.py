@@ -158,6 +158,46 @@ def fsdp(ctx, out: Path) -> dict:
     return {"params_digest": _digest(params), "logs": logs["logs"], "held": logs["held"]}
 
 
+def _train_once(ctx, out: Path, workdir: Path, tag: str, hooks=()) -> dict:
+    """Scenic's train() on this rank's shard of the golden's batches; rank 0 records every write_scalars."""
+    from loop_goldens import LoopCase, RecordingWriter
+
+    from tokenlearner_torch.training import train
+
+    case = LoopCase("public_pmap2")
+    writer = RecordingWriter() if ctx.is_lead else None
+    state, train_summary, eval_summary = train(config=case.config, dataset=case.dataset(ctx.rank, ctx.world_size),
+                                               workdir=str(workdir), writer=writer, context=ctx, hooks=hooks)  # fmt: skip
+    from tokenlearner_torch.weights_convert.layouts import flatten_tree
+
+    params = {k: np.asarray(v) for k, v in flatten_tree(state.params).items()}
+    if ctx.is_lead:
+        np.savez(out / f"{tag}_params.npz", **params)
+    return {"digest": _digest(params), "scalars": writer.calls if writer is not None else None,
+            "train_summary": train_summary, "eval_summary": eval_summary, "files": sorted(os.listdir(workdir))}
+
+
+def train_runs(ctx, out: Path) -> dict:
+    """From workdir_step0 and from Scenic's mid-run checkpoint (both prepared by the test in rank 0's
+    workdirs; every other rank gets an empty workdir of its own and must restore rank 0's checkpoint)."""
+    base = out / f"rank{ctx.rank}"
+    return {tag: _train_once(ctx, out, base / tag, tag) for tag in ("full", "mid")}
+
+
+def train_kill(ctx, out: Path) -> dict:
+    """Rank 1 dies right after step 4 (checkpoint_3 is on disk); rank 0 must stop with an error."""
+
+    def die(step, logs):
+        if ctx.rank == 1 and step == 4:
+            os._exit(3)
+
+    try:
+        _train_once(ctx, out, out / f"rank{ctx.rank}" / "killed", "killed", hooks=[die])
+    except Exception as e:  # noqa: BLE001 - any error, no hang
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    return {"error": None}
+
+
 def fault(ctx, out: Path, how: str) -> dict:
     t = torch.ones(4)
     ctx.all_reduce_sum_([t])
@@ -185,10 +225,16 @@ def main() -> int:
         result.update(fsdp(ctx, out))
     elif mode in ("kill", "stall"):
         result.update(fault(ctx, out, mode))
+    elif mode == "train":
+        result.update(train_runs(ctx, out))
+    elif mode == "train_kill":
+        result.update(train_kill(ctx, out))
+    elif mode == "train_resume":
+        result.update(_train_once(ctx, out, out / f"rank{ctx.rank}" / "killed", "resumed"))
     tmp = out / f"rank{ctx.rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     tmp.rename(out / f"rank{ctx.rank}.json")
-    if mode in ("kill", "stall"):
+    if mode in ("kill", "stall", "train_kill"):
         os._exit(0)  # the group cannot be destroyed cleanly with a dead peer
     ctx.close()
     return 0

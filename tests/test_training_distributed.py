@@ -218,6 +218,69 @@ def test_ranks_that_disagree_fail_fast(semantics):
     assert "checkpoint step" in messages[0] and "rank 1" in messages[0] and "\n" not in messages[0]
 
 
+def _prepare_workdirs(out: Path, starts: dict[str, str]) -> None:
+    """Rank 0's workdirs hold the golden's start checkpoints; rank 1's are empty (it must restore rank 0's)."""
+    import shutil
+
+    for tag, start in starts.items():
+        shutil.copytree(GOLDEN / start, out / "rank0" / tag)
+        for p in (out / "rank0" / tag).iterdir():
+            p.chmod(0o644)
+        (out / "rank1" / tag).mkdir(parents=True)
+
+
+@pytest.fixture(scope="module")
+def train_runs(tmp_path_factory) -> tuple[list[dict], Path]:
+    """training.train() on 2 processes from workdir_step0 ("full") and from Scenic's ckpt_mid ("mid")."""
+    out = tmp_path_factory.mktemp("train")
+    _prepare_workdirs(out, {"full": "workdir_step0", "mid": "ckpt_mid"})
+    results, _ = launch("train", out)
+    return results, out
+
+
+@pytest.mark.parametrize("tag, scalars", [("full", "scalars"), ("mid", "scalars_resumed_from_mid")])
+def test_train_reproduces_public_pmap2(train_runs, golden, tag, scalars):
+    """Scenic's 2-device train(), reproduced by train() on 2 gloo processes: every write_scalars call
+    (1e-4 relative; gflops is the port's FLOP count, not XLA's, and left out), the eval summary, the final
+    parameters (1e-4 scaled, noise-sensitive 1e-2), bitwise equal on both ranks; only rank 0 wrote."""
+    from loop_goldens import compare_scalars
+
+    results, out = train_runs
+    lead, other = results[0][tag], results[1][tag]
+    assert compare_scalars(lead["scalars"], golden[scalars], rtol=SCALAR_TOL, skip=("gflops",)) == []
+    summary = golden["eval_summary" if tag == "full" else "eval_summary_resumed"]
+    for k, v in summary.items():
+        assert _rel(lead["eval_summary"][k], v) <= SCALAR_TOL
+    assert lead["digest"] == other["digest"]
+    got = dict(np.load(out / f"{tag}_params.npz"))
+    ref = _flax_flat(GOLDEN / "params_final.msgpack")
+    noise = set(golden["noise_sensitive_params"])
+    for k in ref:
+        assert _scaled(got[k], ref[k]) <= (NOISE_PARAM_TOL if k in noise else PARAM_TOL), k
+    if tag == "full":
+        assert lead["files"] == golden["checkpoints_written_by_scenic"]
+    assert other["files"] == []  # rank 1 restored rank 0's checkpoint and wrote nothing
+
+
+@pytest.mark.slow
+def test_killed_rank_then_rerun_resumes_bitwise(train_runs, tmp_path):
+    """Rank 1 dies after step 4 of the 5-step run: rank 0 stops with an error (no hang); the same command
+    again resumes both ranks from checkpoint_3, the last complete one, and ends bitwise where the
+    uninterrupted run ended."""
+    _prepare_workdirs(tmp_path, {"killed": "workdir_step0"})
+    start = time.monotonic()
+    results, procs = launch("train_kill", tmp_path, wait_for=0, timeout=180, collective_timeout_s=30)
+    assert procs[1].returncode == 3
+    assert results[0]["error"] is not None, results[0]
+    assert time.monotonic() - start < 180
+    assert sorted(p.name for p in (tmp_path / "rank0" / "killed").iterdir()) == ["checkpoint_0", "checkpoint_3"]
+    (tmp_path / "rank0.json").unlink()
+    resumed, _ = launch("train_resume", tmp_path)
+    full = train_runs[0][0]["full"]
+    assert resumed[0]["digest"] == resumed[1]["digest"] == full["digest"]
+    assert resumed[0]["files"] == ["checkpoint_0", "checkpoint_3", "checkpoint_5"]
+
+
 def test_dead_rank_is_an_error_not_a_hang(tmp_path):
     """Rank 1 exits after the first all-reduce: rank 0's next collective fails at once."""
     start = time.monotonic()
