@@ -97,6 +97,43 @@ def test_jit_trace_equals_eager_on_other_inputs(name):
             torch.testing.assert_close(traced(*xs), model(*xs), rtol=1e-6, atol=1e-6)
 
 
+def test_jit_trace_warns_nothing_from_the_shape_checks():
+    """Every model configuration traces with TracerWarnings as errors (the shape checks compare traced sizes,
+    which warned six times per ViT although the trace is exact), and a wrong example input still gets the
+    port's ShapeError, naming the sizes as numbers."""
+    import warnings
+
+    for name, cls, kwargs, shapes in MODELS:
+        model = _build(cls, kwargs, shapes).eval()
+        xs = tuple(_inputs(shapes, 2))
+        if name == "vit_sampling":
+            # Not a check: the sampled frames' indices come from the clip length T, which the trace bakes in
+            # (a clip of another length would take the example's frames): that warning is true, and stays.
+            with pytest.warns(torch.jit.TracerWarning) as caught, torch.no_grad():
+                torch.jit.trace(model, xs, check_trace=False)
+            import inspect
+
+            from tokenlearner_torch import models
+
+            src, first = inspect.getsourcelines(models._sample_frames)
+            where = {(w.filename, w.lineno) for w in caught if w.category is torch.jit.TracerWarning}
+            assert where and all(f == models.__file__ and first <= n < first + len(src) for f, n in where), where
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace itself is deprecated (2.9+)
+            with torch.no_grad():
+                traced = torch.jit.trace(model, xs)  # check_trace=True: it re-runs and compares, too
+        with torch.no_grad():
+            torch.testing.assert_close(traced(*xs), model(*xs), rtol=0, atol=0, msg=name)
+    vit = _build("TokenLearnerViT", {**_VIT, "tokenizer": _TOK}, [(32, 32, 3)]).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(tl.ShapeError, match=r"covers \(16, 32\) \(tokens, channels\) but the input has \(25, 32\)"):
+            torch.jit.trace(vit, (torch.randn(2, 40, 40, 3),))
+
+
 @pytest.mark.parametrize("name", ["vit_fuser", "vit_video_3dconv"])
 def test_export_dynamic_batch_1_to_256(name):
     from torch.export import Dim, export

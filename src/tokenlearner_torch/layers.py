@@ -18,8 +18,10 @@ on Python control flow over a traced shape.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,31 @@ def _refuse_lazy_state_dict(module: _LazyShapes, prefix: str, keep_vars: bool) -
         raise ShapeError(f"state_dict: {names} {verb} no shape yet (it comes from the model's input): {_LAZY_HINT}")
 
 
+_F = TypeVar("_F", bound=Callable)
+
+
+def shape_check(fn: _F) -> _F:
+    """Decorates a function that validates (and lays out) shapes so that ``torch.jit.trace`` does not warn.
+
+    Under ``torch.jit.trace`` a tensor's sizes are traced 0-d tensors, and the truth value of a comparison of
+    them (``if x.shape[-1] != n: raise``) raises a TracerWarning ("might cause the trace to be incorrect"),
+    although a check that passes records nothing in the graph and the trace is exact. The check still runs
+    while tracing (a wrong example input still gets the port's ShapeError); only that warning is silenced, and
+    only there. Eager mode pays one ``torch.jit.is_tracing()`` call.
+    """
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if torch.jit.is_tracing():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+@shape_check
 def _check_features(x: Tensor, n: int, who: str) -> Tensor:
     if x.shape[-1] != n:
         raise ShapeError(f"{who}: expected input with {n} features, got shape {tuple(x.shape)}")
@@ -613,6 +640,7 @@ class MultiHeadDotProductAttention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(2))
 
 
+@shape_check
 def _check_heads(x: Tensor, h: int) -> Tensor:
     if x.ndim != 3:
         raise ShapeError(f"MultiHeadDotProductAttention expects [batch, tokens, channels], got {tuple(x.shape)}")
@@ -692,13 +720,14 @@ def _check_rank(x: Tensor, rank: int, expected: str) -> Tensor:
     return x
 
 
+@shape_check
 def _check_positions(x: Tensor, pos_embedding: Tensor) -> Tensor:
     if x.ndim != 3:
         raise ShapeError(f"AddPositionEmbs expects [batch, tokens, channels], got shape {tuple(x.shape)}")
     if tuple(pos_embedding.shape[1:]) != tuple(x.shape[1:]):
         raise ShapeError(
-            f"AddPositionEmbs: the position embedding covers {tuple(pos_embedding.shape[1:])} "
-            f"(tokens, channels) but the input has {tuple(x.shape[1:])}; the input size must match the "
+            f"AddPositionEmbs: the position embedding covers {tuple(map(int, pos_embedding.shape[1:]))} "
+            f"(tokens, channels) but the input has {tuple(map(int, x.shape[1:]))}; the input size must match the "
             "one the model was built or trained with"
         )
     return x

@@ -19,6 +19,7 @@ from .errors import ConfigError, ShapeError
 from .conventions import HubMixin
 from .layers import (
     AddPositionEmbs, Conv, Dense, Dropout, Encoder1DBlock, HeadsProjection, Identity, LayerNorm, _check_rank,
+    shape_check,
 )  # fmt: skip
 from .shapes import build_parameters
 from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
@@ -54,6 +55,7 @@ def _check_choice(value: Any, choices: Sequence[Any], what: str) -> None:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
+@shape_check
 def _fold(x: Tensor, t: Optional[int], default_t: int, who: str) -> Tensor:
     """[n, t*hw, c] -> [n*t, hw, c]: the TokenLearner runs per frame (t None: ``default_t``)."""
     t = default_t if t is None else t
@@ -70,6 +72,7 @@ def _sample_frames(x: Tensor, n_sampled_frames: int) -> tuple[Tensor, int]:
     return x.flatten(2, 3), len(idx)
 
 
+@shape_check
 def _grid_tokens(x: Tensor, who: str) -> Tensor:
     """Patch-embedding output [B, C, *grid] -> tokens [B, prod(grid), C]."""
     if 0 in x.shape[2:]:

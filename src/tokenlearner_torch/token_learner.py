@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import initializers as init
 from .errors import ShapeError
 from .conventions import HubMixin
-from .layers import Conv, Dense, Dropout, LayerNorm, MlpBlock, gelu
+from .layers import Conv, Dense, Dropout, LayerNorm, MlpBlock, gelu, shape_check
 from .shapes import build_parameters
 
 __all__ = ["TokenLearnerModule", "TokenLearnerModuleV11", "TokenFuser"]
@@ -32,12 +32,15 @@ def _tokens(x: Tensor, who: str, channels_first: bool) -> Tensor:
     raise ShapeError(f"{who} expects {layout} or [B, N, C] input, got shape {tuple(x.shape)}")
 
 
+@shape_check
 def _grid(inputs: Tensor, channels_first: bool) -> Tensor:
     """TokenLearnerModule's input as [B, H, W, C]: [B, H*H, C] is reshaped to a square grid."""
     if inputs.ndim == 3:
         n, hw, c = inputs.shape
         # Not math.isqrt: torch.compile(dynamic=True) cannot trace it on a symbolic size. A float64 square root
         # is exact for perfect squares (up to 2**52), and the check below rejects the rest.
+        if isinstance(hw, Tensor):  # torch.jit.trace: sizes are 0-d tensors (round() takes none); N is fixed
+            hw = int(hw)
         h = round(hw ** 0.5)
         if h * h != hw:
             # Scenic means to raise 'Only square inputs supported.' but reshapes first and fails with a
@@ -54,6 +57,7 @@ def _grid(inputs: Tensor, channels_first: bool) -> Tensor:
     )
 
 
+@shape_check
 def _fuser_original(inputs: Tensor, original: Tensor, channels_first: bool) -> Tensor:
     """TokenFuser's ``original`` as [B, N, C], checked against ``inputs`` [B, S, C]."""
     if inputs.ndim != 3:
