@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -161,11 +161,3 @@ def params_errors(port: dict, ref: dict) -> dict[str, float]:
     fp, fr = flat(port), flat(ref)
     assert set(fp) == set(fr), (sorted(set(fp) ^ set(fr)))[:5]
     return {k: scaled_error(fp[k], fr[k]) for k in fr}
-
-
-def case(name: str) -> LoopCase:
-    return LoopCase(name)
-
-
-def maybe(x: Optional[Any]) -> Any:
-    return x

@@ -3,12 +3,10 @@ itself), the file round trip, atomic writes, a corrupt newest checkpoint, anothe
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import pytest
-import torch
 from loop_goldens import LoopCase, RecordingWriter, flat
 
 from tokenlearner_torch.errors import CheckpointError

@@ -5,8 +5,6 @@ the resumed run, and Flax/optax continuing from the port's own mid-run checkpoin
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
