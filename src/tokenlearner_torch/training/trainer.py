@@ -121,11 +121,6 @@ class ScenicTrainer:
         )
         self.lr_fn = get_learning_rate_fn(self.config)
         self.optimizer_config = get_optax_optimizer_config(self.config)
-        #: The module called for the train-mode forward (a DDP wrapper of ``model`` in distributed runs).
-        self.forward_module: torch.nn.Module = self.model
-        #: Called with the gradients in ``specs`` order right after backward and BEFORE any clipping (the
-        #: distributed context averages them here, Scenic's ``pmean`` of the gradients).
-        self.grad_hook: Optional[Callable[[list[Tensor]], None]] = None
         self._reset_optimizer()
 
     # -- parameters ------------------------------------------------------------------------------------
