@@ -18,6 +18,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from tokenlearner_torch.config_check import check_case_config
+from tokenlearner_torch.errors import ConfigError
+
 from .cases import (
     Case,
     CaseError,
@@ -56,6 +59,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _without_path(exc: BaseException, folder: Path) -> str:
+    """An error's text without a leading ``<folder>: `` (the caller names the folder once)."""
+    text = str(exc)
+    return text[len(f"{folder}: "):] if text.startswith(f"{folder}: ") else text
+
+
 def _is_inline(config_or_case: Any) -> bool:
     return isinstance(config_or_case, str) and config_or_case.lstrip().startswith("{")
 
@@ -72,7 +81,7 @@ def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
     A config holds ``scenic_class``, ``constructor_kwargs``, and optionally ``inputs``
     (``[{"name": ..., "shape": [...]}]``, in call order), ``call_kwargs`` and ``seed``.
     """
-    case_dir = None
+    case_dir, where = None, "config"
     if isinstance(config_or_case, Mapping):
         config = dict(config_or_case)
     elif _is_inline(config_or_case):
@@ -90,7 +99,11 @@ def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
             case_dir, path = path, path / "config.json"
         elif not path.is_file():
             raise CaseError(f"{path}: no such config file or case folder")
-        config = load_json(path)
+        config, where = load_json(path), str(path)
+    try:  # 'constructor_kwarg', 'hiden_size', 'use_v1l': the converter's named one-line errors, before any Flax
+        check_case_config(config, where)
+    except ConfigError as exc:
+        raise CaseError(str(exc)) from None
     if "scenic_class" not in config:
         raise CaseError("config has no 'scenic_class' (e.g. \"TokenLearnerViT\")")
     kwargs = config.get("constructor_kwargs", {})
@@ -222,7 +235,7 @@ def _with_converted_weights(case: Case, folder: PathLike) -> Case:
     try:
         model = load_pretrained(folder)  # checks the folder, its config.json and weights
     except (OSError, ValueError, TokenLearnerError) as exc:
-        raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
+        raise CaseError(f"{folder}: not a converted model folder ({_without_path(exc, folder)})") from None
     converted = load_json(folder / "config.json")
     _same_model(folder, converted, f"the case {case.path}", case.config)
     return replace(case, params=torch_to_flax(model), params_source=f"{folder} (tokenlearner-convert output)")
@@ -244,7 +257,7 @@ def _converted_params(folder: PathLike, against: str, config: Mapping[str, Any])
     try:
         model = load_pretrained(folder)
     except (OSError, ValueError, TokenLearnerError) as exc:
-        raise CaseError(f"{folder}: not a converted model folder ({exc})") from None
+        raise CaseError(f"{folder}: not a converted model folder ({_without_path(exc, folder)})") from None
     return torch_to_flax(model)
 
 

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tokenlearner_torch.errors import TokenLearnerError
+from tokenlearner_torch.config_check import check_case_config
+from tokenlearner_torch.errors import ConfigError, TokenLearnerError
 
 __all__ = [
     "CaseError",
@@ -160,6 +161,10 @@ def load_case(path: str | os.PathLike[str], *, with_params: bool = True) -> Case
     if missing:
         raise CaseError(f"{path}: not a case folder (missing {', '.join(missing)})")
     config = load_json(path / "config.json")
+    try:  # a misspelled key ('constructor_kwarg', 'hiden_size', 'use_v1l') is a named error, not a default
+        check_case_config(config, str(path / "config.json"))
+    except ConfigError as exc:
+        raise CaseError(str(exc)) from None
     if "scenic_class" not in config:
         raise CaseError(f"{path / 'config.json'}: no 'scenic_class'")
     specs = config.get("inputs")

@@ -13,29 +13,24 @@ Progress goes to stderr, reports to stdout; -q prints only the summary line(s).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from tokenlearner_torch.cli_common import (
+    EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, config_warnings, help_exit_status,
+    one_line, print_error, print_reports, write_reports_json,
+)  # fmt: skip
+
 PROG = "tokenlearner-parity"
 MODE_CHOICES = ("f64", "f32", "tf32", "bf16")
 ACCURACY_CHOICES = ("auto", "always", "off")  # api.ACCURACY_CHOICES, without importing the api for --help
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UsageError(f"{message} (see {PROG} {self.prog.split(' ', 1)[-1] + ' ' if ' ' in self.prog else ''}--help)")
+__all__ = ["main", "EXIT_OK", "EXIT_FAIL", "EXIT_USAGE", "UsageError"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="{check,live,record,train}")
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", parser_class=Parser, metavar="{check,live,record,train}")
 
     def common(sp: argparse.ArgumentParser, *, json_out: bool = True) -> None:
         sp.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the port runs (default cpu)")
@@ -131,36 +126,6 @@ def _progress(args: argparse.Namespace) -> Any:
     return say
 
 
-def _emit(reports: list[Any], args: argparse.Namespace) -> None:
-    for rep in reports:
-        if args.quiet:
-            print(f"{rep.subject}: {rep.summary()}")
-        else:
-            print(rep.to_text(verbose=args.verbose))
-            print()
-    if len(reports) > 1 and not args.quiet:
-        passed = sum(r.passed for r in reports)
-        print(f"{passed} of {len(reports)} passed")
-
-
-def _write_json(reports: list[Any], errors: list[str], args: argparse.Namespace) -> None:
-    if not getattr(args, "json", None):
-        return
-    payload = {
-        "passed": bool(reports) and all(r.passed for r in reports) and not errors,
-        "reports": [r.to_dict() for r in reports],
-        "errors": errors,
-    }
-    text = json.dumps(payload, indent=2, default=str)
-    if args.json == "-":
-        print(text)
-    else:
-        try:
-            Path(args.json).write_text(text + "\n")
-        except OSError as exc:
-            raise UsageError(f"--json {args.json}: cannot write ({exc.strerror or exc})") from None
-
-
 def _plot_path(args: argparse.Namespace) -> None:
     """Refuse a --plot that cannot be written before anything runs."""
     if not args.plot:
@@ -192,6 +157,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     reports, errors = [], []
     if args.weights and (len(args.cases) != 1 or len(find_cases(args.cases[0])) != 1):
         raise UsageError("--weights takes exactly one case folder")
+    if args.weights and not Path(args.weights).is_dir():
+        state = "is a file" if Path(args.weights).exists() else "no such folder"
+        raise UsageError(f"--weights {args.weights}: {state}; expected a folder written by tokenlearner-convert "
+                         "(model.safetensors + config.json)")
     for arg in args.cases:
         found = find_cases(arg)
         if not found:
@@ -206,11 +175,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 reports.append(check_case(case, mode=args.mode, device=args.device, tol=args.tol,
                                           grads=not args.no_grads, weights=args.weights))
             except _input_errors() as exc:
-                errors.append(_one_line(exc))
-    _emit(reports, args)
+                errors.append(one_line(exc))
+    print_reports(reports, args)
     for e in errors:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-    _write_json(reports, errors, args)
+        print_error(PROG, e)
+    write_reports_json(reports, errors, args)
     _write_plot(reports, args)
     if errors:
         return EXIT_USAGE
@@ -230,8 +199,8 @@ def _cmd_live(args: argparse.Namespace) -> int:
                  mode=mode, device=args.device, seed=args.seed, tol=args.tol, grads=not args.no_grads,
                  prefer_genuine=args.scenic == "auto", jit=not args.no_jit, accuracy=args.accuracy, progress=say)
         )
-    _emit(reports, args)
-    _write_json(reports, [], args)
+    print_reports(reports, args)
+    write_reports_json(reports, [], args)
     _write_plot(reports, args)
     return EXIT_OK if all(r.passed for r in reports) else EXIT_FAIL
 
@@ -256,8 +225,8 @@ def _cmd_record(args: argparse.Namespace) -> int:
     print(f"recorded case {path} (mode {args.mode})" + ("" if args.quiet else f": {files}"))
     if args.check:
         rep = check_case(path, device=args.device, tol=args.tol, grads=not args.no_grads)
-        _emit([rep], args)
-        _write_json([rep], [], args)
+        print_reports([rep], args)
+        write_reports_json([rep], [], args)
         _write_plot([rep], args)
         return EXIT_OK if rep.passed else EXIT_FAIL
     return EXIT_OK
@@ -271,15 +240,23 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     return (CaseError, TokenLearnerError, ValueError, OSError)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = text.splitlines()
-    return lines[0] + (f" (+{len(lines) - 1} more lines: {'; '.join(l.strip() for l in lines[1:4])})" if len(lines) > 1 else "")
+def _error_record(args: argparse.Namespace | None, text: str) -> None:
+    """``--json``: an error record ``{"passed": false, "reports": [], "errors": [text]}`` when the command
+    stopped on bad input before writing its reports (as ``check`` records a bad case)."""
+    if args is None or not getattr(args, "json", None) or getattr(args, "json_written", False):
+        return
+    if args.command == "record" and not args.check:  # record's --json reports the check it did not run
+        return
+    try:
+        write_reports_json([], [text], args)
+    except UsageError:  # the --json path itself cannot be written: the error line says enough
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 pass, 1 parity failure, 2 usage or input error)."""
     parser = _parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         if not args.command:
@@ -288,21 +265,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import cmd_train
 
         handler = {"check": _cmd_check, "live": _cmd_live, "record": _cmd_record, "train": cmd_train}[args.command]
-        return handler(args)
+        with config_warnings(PROG):  # an experiment-config key no code reads: one warning line on stderr
+            return handler(args)
     except SystemExit as exc:  # --help
-        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
+        return help_exit_status(exc)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        text = str(exc)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - input problems surface as exceptions of many kinds
-        if isinstance(exc, _input_errors()):
-            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        else:
-            print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        text = one_line(exc) if isinstance(exc, _input_errors()) else f"{type(exc).__name__}: {one_line(exc)}"
+    print_error(PROG, text)
+    _error_record(args, text)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

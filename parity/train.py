@@ -135,8 +135,9 @@ def is_training_case(path: Path) -> bool:
 
 
 def check_training_case(case_dir: Path, steps: Optional[int] = None, tol: Optional[float] = None,
-                        device: str = "cpu") -> TrainReport:  # fmt: skip
-    """The port against a stored genuine-Scenic training case (no JAX)."""
+                        device: str = "cpu", strict: bool = False) -> TrainReport:  # fmt: skip
+    """The port against a stored genuine-Scenic training case (no JAX). ``strict``: a config key no code
+    reads is a ConfigError, not a ConfigWarning (:mod:`tokenlearner_torch.config_check`)."""
     from tokenlearner_torch.training import ScenicTrainer
     from tokenlearner_torch.weights_convert.readers import read_checkpoint
 
@@ -145,7 +146,7 @@ def check_training_case(case_dir: Path, steps: Optional[int] = None, tol: Option
     k = len(records) if steps is None else steps
     if not 1 <= k <= len(records):
         raise ValueError(f"--steps {k}: the case holds {len(records)} steps")
-    trainer = ScenicTrainer(meta["config"], meta["dataset_meta_data"], device=device)
+    trainer = ScenicTrainer(meta["config"], meta["dataset_meta_data"], device=device, strict=strict)
     if meta.get("surgery"):
         trainer.load_params(read_checkpoint(case_dir / "params_target_init.msgpack"))
         trainer.init_from_train_state(read_checkpoint(case_dir / "params_restored.msgpack"), meta["surgery"]["source_config"])
@@ -229,8 +230,9 @@ def _jax_loss(kind: str, logits, targets, weights, label_smoothing, l2_decay_fac
 
 
 def live_train(config: Any, dataset_meta_data: Mapping[str, Any], steps: int, *, batch_size: int = 4, seed: int = 0,
-               tol: Optional[float] = None, device: str = "cpu") -> TrainReport:  # fmt: skip
-    """K steps of the port and of the Flax reference + optax from the same parameters and batches."""
+               tol: Optional[float] = None, device: str = "cpu", strict: bool = False) -> TrainReport:  # fmt: skip
+    """K steps of the port and of the Flax reference + optax from the same parameters and batches.
+    ``strict``: a config key no code reads is a ConfigError, not a ConfigWarning."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -240,14 +242,14 @@ def live_train(config: Any, dataset_meta_data: Mapping[str, Any], steps: int, *,
 
     from .flax_reference import TokenLearnerViT as FlaxViT
 
-    cfg = load_config(config)
+    cfg = load_config(config, strict=strict)
     model_cfg = cfg_get(cfg, "model")
     if model_cfg.get("dropout_rate", 0.1) or model_cfg.get("attention_dropout_rate", 0.1):
         raise ValueError("train parity needs config.model.dropout_rate = attention_dropout_rate = 0 "
                          "(Scenic's dropout RNG cannot be reproduced)")  # fmt: skip
     if cfg.get("model_dtype_str", "float32") != "float32":
         raise ValueError("train parity runs float32 models (config.model_dtype_str)")
-    trainer = ScenicTrainer(cfg, dataset_meta_data, device=device)
+    trainer = ScenicTrainer(cfg, dataset_meta_data, device=device, strict=strict)
     kind = MODEL_NAMES[cfg["model_name"]]
     flax_model = FlaxViT(num_classes=int(dataset_meta_data["num_classes"]), mlp_dim=model_cfg["mlp_dim"],
                          num_layers=model_cfg["num_layers"], num_heads=model_cfg["num_heads"],
@@ -323,12 +325,15 @@ def add_train_parser(sub: Any, common: Any) -> None:
     tp.add_argument("--onehot", action="store_true", help="config only: one-hot targets (target_is_onehot)")
     tp.add_argument("--batch-size", type=int, default=4, help="config only: batch size (default 4)")
     tp.add_argument("--seed", type=int, default=0, help="config only: seed of the batches (default 0)")
+    tp.add_argument("--strict", action="store_true", help="a config key that no code reads (a likely typo: "
+                    "lr_configs.learning_rate_schedul) is an error (exit 2), not a warning")
     common(tp)
 
 
 def cmd_train(args: Any) -> int:
-    from .cli import EXIT_FAIL, EXIT_OK, UsageError, _emit, _write_json
+    from tokenlearner_torch.cli_common import EXIT_FAIL, EXIT_OK, UsageError, print_reports, write_reports_json
 
+    strict = bool(getattr(args, "strict", False))
     target = Path(args.target)
     if getattr(args, "plot", None):
         raise UsageError("--plot draws per-module forward errors; it is not available for train")
@@ -337,7 +342,7 @@ def cmd_train(args: Any) -> int:
     if target.is_dir():
         if not is_training_case(target):
             raise UsageError(f"{target}: not a training case folder (config.json, steps.json, batches.npz)")
-        report = check_training_case(target, steps=args.steps, tol=args.tol, device=args.device)
+        report = check_training_case(target, steps=args.steps, tol=args.tol, device=args.device, strict=strict)
     else:
         if args.num_classes is None or args.input_shape is None:
             raise UsageError("a config needs --num-classes and --input-shape (the dataset_meta_data)")
@@ -352,7 +357,7 @@ def cmd_train(args: Any) -> int:
             raise UsageError("a config needs jax, flax and optax: pip install 'tokenlearner-torch[parity]' optax") from None
         meta = {"num_classes": args.num_classes, "input_shape": [-1, *shape], "target_is_onehot": args.onehot}
         report = live_train(args.target, meta, args.steps or 3, batch_size=args.batch_size, seed=args.seed,
-                            tol=args.tol, device=args.device)  # fmt: skip
-    _emit([report], args)
-    _write_json([report], [], args)
+                            tol=args.tol, device=args.device, strict=strict)  # fmt: skip
+    print_reports([report], args)
+    write_reports_json([report], [], args)
     return EXIT_OK if report.passed else EXIT_FAIL

@@ -110,7 +110,7 @@ def test_heads_must_divide_channels():
 def test_from_scenic_errors():
     with pytest.raises(ConfigError, match="unknown Scenic class 'TokenLearner'"):
         tl.from_scenic("TokenLearner", {})
-    with pytest.raises(ConfigError, match="unknown constructor argument.* num_token;"):
+    with pytest.raises(ConfigError, match=r"unknown constructor argument 'num_token'; did you mean 'num_tokens'\?"):
         tl.from_scenic("TokenLearnerModuleV11", {"num_token": 8})
     with pytest.raises(ConfigError, match="missing required argument.* num_tokens"):
         tl.from_scenic("TokenLearnerModuleV11", {})

@@ -20,20 +20,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from tokenlearner_torch.cli_common import (
+    EXIT_FAIL, EXIT_OK, EXIT_USAGE, Parser, UsageError, config_warnings, help_exit_status, print_error,
+    write_text_atomic,
+)  # fmt: skip
+
 PROG = "tokenlearner-convert"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (no usage dump)
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Convert a Scenic/Flax TokenLearner checkpoint into a PyTorch folder (model.safetensors + "
         "config.json), or (--to-flax) a converted folder back into a Flax msgpack checkpoint.",
@@ -41,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         "could not be written); 2 usage or input error (bad arguments, missing or unreadable source or config).",
     )
     p.add_argument("src", metavar="SRC", help="checkpoint file or directory (Flax msgpack, Orbax, .npz); with --to-flax: a converted folder")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (with --to-flax: the Flax checkpoint file, or a directory for checkpoint_<step>)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (with --to-flax: the Flax checkpoint file, or a folder for checkpoint_<step>: an existing one, or a path ending in '/')")
     p.add_argument("--config", metavar="FILE", help="golden-style config.json, or a Scenic experiment config (.py with get_config() or .json)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="set a constructor field, dotted for nested ones (e.g. tokenizer.tokenlearner_loc=9, classifier=gap); repeatable")
     p.add_argument("--num-classes", type=int, metavar="N", help="number of classes (with a Scenic experiment config; else checked against the tree)")
@@ -76,24 +72,14 @@ def exit_status(exc: BaseException) -> int:
     from .readers import OutputError
 
     if isinstance(exc, OutputError):
-        return 1  # the output could not be written: the conversion failed
-    if isinstance(exc, (_UsageError, ConfigError, CheckpointError)):
-        return 2  # arguments, config or source: the input is wrong or unreadable
-    return 1
+        return EXIT_FAIL  # the output could not be written: the conversion failed
+    if isinstance(exc, (UsageError, ConfigError, CheckpointError)):
+        return EXIT_USAGE  # arguments, config or source: the input is wrong or unreadable
+    return EXIT_FAIL
 
 
 def _write_json(path: str, data: dict) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _verify(out: str, src: str, step: int | None, subtree: str | None, dtype: str) -> str:
@@ -140,18 +126,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.to_flax:
         conflicting = [n for n, v in (("--config", args.config), ("--set", args.sets), ("--subtree", args.subtree), ("--num-classes", args.num_classes)) if v]
         if conflicting:
-            raise _UsageError(f"--to-flax takes a converted folder; {', '.join(conflicting)} do(es) not apply")
+            raise UsageError(f"--to-flax takes a converted folder; {', '.join(conflicting)} do(es) not apply")
         from .export import to_flax_checkpoint
 
         target = Path(args.output)
-        if target.exists() and not target.is_dir() and not args.force:
-            raise ConfigError(f"{target}: already exists (pass --force to replace it)")
+        as_dir = target.is_dir() or args.output.endswith(("/", os.sep))  # as to_flax_checkpoint decides
+        final = target / f"checkpoint_{args.step}" if as_dir and args.step is not None else target
+        if final.exists() and not final.is_dir() and not args.force:
+            raise ConfigError(f"{final}: already exists (pass --force to replace it)")
         info = to_flax_checkpoint(args.src, args.output, step=args.step, wrap=args.wrap)
         if args.report:
             _write_json(args.report, {"ok": True, **info})
         if not args.quiet:
             print(f"wrote {info['path']} (Flax msgpack, {info['wrap']}, {info['leaves']} leaves, step {info['step']}, sha256 {info['sha256'][:16]}...)")
-        return 0
+        return EXIT_OK
 
     from .config import parse_set
     from .convert import ConversionReport, convert
@@ -160,9 +148,11 @@ def _run(args: argparse.Namespace) -> int:
         try:
             parse_set(item)
         except ConfigError as exc:
-            raise _UsageError(str(exc)) from None
+            raise UsageError(str(exc)) from None
     if args.num_classes is not None and args.num_classes < 1:
-        raise _UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+        raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    # The folder as Path spells it: 'out/' and 'out' are the same folder (no 'wrote: out//' in the summary).
+    args.output = str(Path(args.output))
     rep = ConversionReport()
     try:
         if Path(args.output).exists() and not args.force:  # the command line's wording (the Python API's: force=True)
@@ -188,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         msg = _verify(args.output, args.src, args.step, args.subtree, args.dtype)
         if not args.quiet:
             print(msg)
-    return 0
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,22 +186,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
-        print(f"{PROG}: usage error: {_one_line(exc)} (see {PROG} --help)", file=sys.stderr)
-        return 2
+    except UsageError as exc:
+        print_error(PROG, _one_line(exc), kind="usage error")
+        return EXIT_USAGE
     except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+        return help_exit_status(exc)
     try:
-        return _run(args)
-    except _UsageError as exc:
-        print(f"{PROG}: usage error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        with config_warnings(PROG):  # a config key no code reads: one warning line on stderr
+            return _run(args)
+    except UsageError as exc:
+        print_error(PROG, _one_line(exc), kind="usage error")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return 1
+        return EXIT_FAIL
     except MemoryError:
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
-        return 1
+        print_error(PROG, "out of memory")
+        return EXIT_FAIL
     except Exception as exc:  # TokenLearnerError, OSError and anything unexpected: a summary line, no traceback
         from tokenlearner_torch.errors import TokenLearnerError
 
@@ -223,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = f"unexpected {type(exc).__name__}: {_one_line(exc)[:2000]}"
         if isinstance(exc, ParamsMismatchError) and exc.truncated:
             text += f"\n  (every entry: in {args.report}, under 'mismatch')" if args.report else "\n  (every entry: pass --report FILE)"
-        print(f"{PROG}: error: {text}", file=sys.stderr)
+        print_error(PROG, text)
         return exit_status(exc)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from tokenlearner_torch.config_check import check_case_config, check_experiment_config
 from tokenlearner_torch.errors import ConfigError
 
 from .infer import PREFIX, Architecture, field_hint, infer_architecture
@@ -80,6 +81,10 @@ def load_config_file(path: str | Path, num_classes: int | None = None) -> tuple[
             raise ConfigError(f"{p}: not valid JSON ({str(exc)[:80]}); expected a golden-style config.json or a Scenic config") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a JSON object, got {type(data).__name__}")
+    if "scenic_class" in data or "model" not in data:
+        check_case_config(data, str(p))  # 'constructor_kwarg', 'hiden_size', 'use_v1l': named errors
+    else:
+        check_experiment_config(data)  # a key no code reads: a ConfigWarning (one line on the CLI)
     if "scenic_class" in data:
         kwargs = data.get("constructor_kwargs", {})
         if not isinstance(kwargs, Mapping):

@@ -71,21 +71,25 @@ def to_flax_checkpoint(
     The file is what ``flax.training.checkpoints.restore_checkpoint(path, target=None)`` reads, in Scenic's
     TrainState layout by default (``{'params': ..., 'global_step': step, ...}``; ``wrap='variables'`` writes
     ``{'params': ...}`` like ``flax.serialization.to_bytes``, ``'bare'`` the tree alone). If ``out_path`` is
-    an existing directory the file is ``out_path/checkpoint_<step>``. Written atomically. Parameters are
-    written in their dtype, bit for bit (PyTorch -> Flax -> PyTorch is a bitwise round trip).
-    Returns ``{'path', 'sha256', 'leaves', 'step', 'wrap'}``.
+    an existing directory, or a path ending in ``/`` (created then), the file is ``out_path/checkpoint_<step>``.
+    Written atomically. Parameters are written in their dtype, bit for bit (PyTorch -> Flax -> PyTorch is a
+    bitwise round trip). Returns ``{'path', 'sha256', 'leaves', 'step', 'wrap'}``.
     """
     from .readers import write_flax_msgpack
 
+    text = os.fspath(out_path)
+    target = Path(text)
+    # Path() drops a trailing slash: read it from the text ("workdir/" is a folder, as Scenic's workdir).
+    as_dir = target.is_dir() or text.endswith(("/", os.sep))
+    if as_dir and step is None:
+        raise ConfigError(f"{text}: a folder; pass a step (the file is then checkpoint_<step>) or a file path")
+    if as_dir and target.exists() and not target.is_dir():
+        raise ConfigError(f"{text}: names a folder (trailing '/') but {target} is a file")
+    final = target / f"checkpoint_{step}" if as_dir else target
     model = load_pretrained(model_or_folder) if not isinstance(model_or_folder, nn.Module) else model_or_folder
     params = torch_to_flax(model)
-    target = Path(out_path)
-    if target.is_dir():
-        if step is None:
-            raise ConfigError(f"{target}: is a directory; pass a step (the file is then checkpoint_<step>) or a file path")
-        final = target / f"checkpoint_{step}"
-    else:
-        final = target
-    sha = write_flax_msgpack(target, params, step=step, wrap=wrap)
+    if as_dir:
+        target.mkdir(parents=True, exist_ok=True)  # only once the weights are read: no empty folder on error
+    sha = write_flax_msgpack(final, params, step=step, wrap=wrap)
 
     return {"path": str(final), "sha256": sha, "leaves": len(flatten_tree(params)), "step": step, "wrap": wrap}

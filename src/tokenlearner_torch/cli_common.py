@@ -14,7 +14,8 @@ The conventions:
   argparse's usage dump and ``SystemExit(2)``);
 * an error is ONE line on stderr: ``PROG: error: <text>`` (:func:`print_error`, :func:`one_line`), never a
   traceback;
-* ``--json FILE`` / ``--json -`` output goes through :func:`emit_json` (complete file or nothing);
+* ``--json FILE`` / ``--json -`` output goes through :func:`emit_json` (complete file or nothing); reports
+  (parity, training) print with :func:`print_reports` and go to JSON with :func:`write_reports_json`;
 * a config warning (:class:`tokenlearner_torch.config_check.ConfigWarning`: a key no code reads) is one line
   ``PROG: warning: <text>`` on stderr inside :func:`config_warnings`; with ``--strict`` the checker raises
   a :class:`~tokenlearner_torch.errors.ConfigError` instead (exit 2).
@@ -42,7 +43,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional, TextIO
+from typing import Any, Iterator, NoReturn, Optional, Sequence, TextIO
 
 __all__ = [
     "EXIT_OK",
@@ -57,6 +58,8 @@ __all__ = [
     "emit_json",
     "write_text_atomic",
     "config_warnings",
+    "print_reports",
+    "write_reports_json",
 ]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -122,6 +125,36 @@ def emit_json(payload: Any, dest: str, *, option: str = "--json", indent: int = 
         write_text_atomic(dest, text + "\n")
     except OSError as exc:
         raise UsageError(f"{option} {dest}: cannot write ({exc.strerror or exc})") from None
+
+
+def print_reports(reports: Sequence[Any], args: argparse.Namespace) -> None:
+    """Reports (objects with ``subject``, ``passed``, ``summary()``, ``to_text(verbose=)``: the parity and
+    training reports) on stdout: the full text of each, or with ``args.quiet`` one summary line each."""
+    quiet, verbose = bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False))
+    for rep in reports:
+        if quiet:
+            print(f"{rep.subject}: {rep.summary()}")
+        else:
+            print(rep.to_text(verbose=verbose))
+            print()
+    if len(reports) > 1 and not quiet:
+        print(f"{sum(r.passed for r in reports)} of {len(reports)} passed")
+
+
+def write_reports_json(reports: Sequence[Any], errors: Sequence[str], args: argparse.Namespace) -> None:
+    """``--json FILE|-`` (``args.json``; nothing when unset): ``{"passed", "reports", "errors"}``, where
+    ``passed`` needs at least one report, all passing, and no error. Sets ``args.json_written`` so that a
+    command's error handler writes an error record only when nothing was written."""
+    dest = getattr(args, "json", None)
+    if not dest:
+        return
+    payload = {
+        "passed": bool(reports) and all(r.passed for r in reports) and not errors,
+        "reports": [r.to_dict() for r in reports],
+        "errors": list(errors),
+    }
+    args.json_written = True
+    emit_json(payload, dest)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import initializers as init
+from .config_check import check_tokenizer
 from .errors import ConfigError, ShapeError
 from .conventions import HubMixin
 from .layers import (
@@ -318,6 +319,7 @@ class _TokenizerSpec:
     """The validated tokenizer config of TokenLearnerViT and its patch-embedding convolution."""
 
     def __init__(self, tokenizer: Any, hidden_size: int, channels_first: bool, who: str) -> None:
+        check_tokenizer(tokenizer)  # an unknown (misspelled) field is an error, not a default silently used
         self.type = _get(tokenizer, "type")
         _check_choice(self.type, TOKENIZER_TYPES, "tokenizer.type")
         self.channels_first = channels_first
@@ -528,6 +530,7 @@ class TokenLearnerViTRepresentation(HubMixin, nn.Module):
         self.target_channel_dim = target_channel_dim
         self.use_concat_final = use_concat_final
         self.channels_first = channels_first
+        check_tokenizer(tokenizer)  # an unknown (misspelled) field is an error, not a default silently used
         fh, fw = _patch_size(tokenizer, 2, "TokenLearnerViTRepresentation")
         self.embedding = Conv(hidden_size, (fh, fw), strides=(fh, fw), padding="VALID")
         self.Transformer = _transformer(tokenizer, num_layers, mlp_dim, num_heads, dropout_rate,

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
+from .config_check import check_constructor_kwargs
 from .conventions import SCENIC_NAMES, scenic_fields
 from .errors import ConfigError
 from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock
@@ -66,12 +67,8 @@ def from_scenic(
     if not isinstance(constructor_kwargs, Mapping):
         raise ConfigError(f"constructor_kwargs must be a dict, got {type(constructor_kwargs).__name__}")
     params = _scenic_parameters(cls)
-    unknown = sorted(set(constructor_kwargs) - set(params))
-    if unknown:
-        raise ConfigError(
-            f"{cls.__name__}: unknown constructor argument(s) {', '.join(unknown)}; "
-            f"Scenic's fields are {', '.join(params)}"
-        )
+    # Unknown fields (and unknown tokenizer fields) name the closest known one: the one checker.
+    check_constructor_kwargs(cls, constructor_kwargs)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
     absent = [n for n in required if n not in constructor_kwargs]
     if absent:

@@ -45,12 +45,17 @@ def _from_py(path: Path, arg: str | None) -> Any:
     return _run_get_config(path, arg)
 
 
-def load_config(config: Any) -> dict[str, Any]:
-    """A Scenic experiment config as plain nested dicts.
+def load_config(config: Any, *, strict: bool = False, check: bool = True) -> dict[str, Any]:
+    """A Scenic experiment config as plain nested dicts, checked against the keys the port reads.
 
     ``config``: a dict or ``ml_collections.ConfigDict``; or a path to a Scenic config ``.py`` (its
     ``get_config()`` is called; ``path.py:ARG`` calls ``get_config(ARG)``, e.g. ``...config.py:runlocal``)
     or to a ``.json`` file (a config dict, or a training case's ``config.json`` holding one under ``config``).
+
+    ``check``: :func:`tokenlearner_torch.config_check.check_experiment_config`: a key no code reads (a
+    misspelled ``lr_configs.learning_rate_schedul``) is a :class:`~tokenlearner_torch.config_check.
+    ConfigWarning`, or with ``strict=True`` a :class:`ConfigError`; an unknown tokenizer field is a
+    ConfigError in any case.
     """
     if isinstance(config, (str, os.PathLike)):
         text = os.fspath(config)
@@ -74,4 +79,8 @@ def load_config(config: Any) -> dict[str, Any]:
     plain = to_plain(config)
     if not isinstance(plain, dict):
         raise ConfigError(f"a config must be a dict, a ConfigDict or a path, got {type(config).__name__}")
+    if check:
+        from ..config_check import check_experiment_config
+
+        check_experiment_config(plain, strict=strict)
     return plain

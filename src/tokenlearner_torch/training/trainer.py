@@ -82,8 +82,10 @@ class ScenicTrainer:
     ``config.rng_seed``; ``init_head_bias`` on ``output_projection/bias``); :meth:`load_params` replaces it.
     """
 
-    def __init__(self, config: Any, dataset_meta_data: Mapping[str, Any], *, device: str | torch.device = "cpu") -> None:
-        self.config = load_config(config)
+    def __init__(self, config: Any, dataset_meta_data: Mapping[str, Any], *, device: str | torch.device = "cpu",
+                 strict: bool = False) -> None:
+        # config_check: a key no code reads warns (ConfigWarning); strict=True makes it a ConfigError.
+        self.config = load_config(config, strict=strict)
         self.dataset_meta_data = dict(dataset_meta_data)
         self.device = torch.device(device)
         model_name = self.config.get("model_name")

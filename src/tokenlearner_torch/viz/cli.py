@@ -26,7 +26,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from ..cli_common import (
+    EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, Parser, UsageError, help_exit_status, print_error,
+)  # fmt: skip
+
 PROG = "tokenlearner-viz"
 IMAGE_CLASSES = ("TokenLearnerViT", "TokenLearnerViTRepresentation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -49,17 +52,8 @@ NORMALIZATION_TEXT = {
 }
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        raise UsageError(f"{message} (see {PROG} --help)")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_FOLDER", help="converted folder or case folder")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, or one .npy/.npz (default: the case folder's inputs.npz)")
@@ -382,18 +376,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(args, print)
         return EXIT_OK
     except SystemExit as exc:  # --help
-        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
+        return help_exit_status(exc)
     except (UsageError, TokenLearnerError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print_error(PROG, _one_line(exc))
         return EXIT_USAGE
     except ImportError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print_error(PROG, _one_line(exc))
         return EXIT_FAIL
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - a failure, said in one line
-        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print_error(PROG, f"{type(exc).__name__}: {_one_line(exc)}")
         return EXIT_FAIL
 
 
