@@ -1,4 +1,5 @@
-"""Data-parallel training of a TokenLearnerViT with DDP or FSDP2, launched by torchrun.
+"""Data-parallel training of a bare TokenLearnerViT with DDP or FSDP2, launched by torchrun (torch optimiser, no
+Scenic loop; Scenic's pmap semantics with train() and tokenlearner-train: training/distributed.py, docs/distributed.md).
 
     torchrun --nproc_per_node 8 scripts/train_distributed.py --strategy fsdp2 --steps 100     # 8 GPUs (nccl)
     torchrun --nproc_per_node 2 scripts/train_distributed.py --device cpu --steps 3          # CPU, gloo

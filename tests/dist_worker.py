@@ -198,6 +198,21 @@ def train_kill(ctx, out: Path) -> dict:
     return {"error": None}
 
 
+def train_disagree(ctx, out: Path) -> dict:
+    """Rank 1 runs another config (max_grad_norm 2.0): train() must fail on every rank before step 1."""
+    from loop_goldens import LoopCase
+
+    from tokenlearner_torch.training import train
+
+    case = LoopCase("public_pmap2")
+    config = dict(case.config, max_grad_norm=2.0) if ctx.rank == 1 else case.config
+    try:
+        train(config=config, dataset=case.dataset(ctx.rank, ctx.world_size), workdir=str(out / f"rank{ctx.rank}"), context=ctx)
+    except ConfigError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
 def fault(ctx, out: Path, how: str) -> dict:
     t = torch.ones(4)
     ctx.all_reduce_sum_([t])
@@ -227,6 +242,8 @@ def main() -> int:
         result.update(fault(ctx, out, mode))
     elif mode == "train":
         result.update(train_runs(ctx, out))
+    elif mode == "train_disagree":
+        result.update(train_disagree(ctx, out))
     elif mode == "train_kill":
         result.update(train_kill(ctx, out))
     elif mode == "train_resume":

@@ -281,6 +281,17 @@ def test_killed_rank_then_rerun_resumes_bitwise(train_runs, tmp_path):
     assert resumed[0]["files"] == ["checkpoint_0", "checkpoint_3", "checkpoint_5"]
 
 
+def test_train_ranks_with_different_configs_fail_fast(tmp_path):
+    """train() on ranks whose configs differ (max_grad_norm): the same one-line ConfigError on both, before
+    any step, naming the key where they differ."""
+    results, _ = launch("train_disagree", tmp_path)
+    errors = [r["error"] for r in results]
+    assert errors[0] is not None and errors[0] == errors[1], errors
+    assert errors[0].startswith("the processes disagree on config") and "max_grad_norm" in errors[0], errors[0]
+    assert "\n" not in errors[0]
+    assert not list((tmp_path / "rank0").glob("checkpoint_*"))
+
+
 def test_dead_rank_is_an_error_not_a_hang(tmp_path):
     """Rank 1 exits after the first all-reduce: rank 0's next collective fails at once."""
     start = time.monotonic()

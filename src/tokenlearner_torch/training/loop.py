@@ -23,6 +23,7 @@ so that a resumed run is bitwise the uninterrupted one on CPU. See docs/training
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -288,6 +289,10 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
         trainer.init_from_train_state(cfg_get(cfg, "init_from.checkpoint_path"))
     if start_step > 0 and hasattr(dataset, "seek"):
         dataset.seek(start_step)
+    check_agree = getattr(ctx, "check_agree", None)
+    if check_agree is not None:  # every rank: the same experiment from the same step, else fail fast
+        check_agree("config", json.dumps(cfg, sort_keys=True, default=repr))
+        check_agree("checkpoint step", str(start_step))
     ctx.prepare(trainer)
     train_iter, valid_iter = iter(dataset.train_iter), iter(dataset.valid_iter)
 
