@@ -422,3 +422,41 @@ def test_usage_errors_exit_2(argv, capsys):
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "--to-flax" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("form", ["trailing slash, not there yet", "existing folder"])
+def test_to_flax_into_a_folder_writes_checkpoint_step(form, tmp_path, capsys):
+    """docs/converter.md: `--to-flax OUT -o workdir/ --step 1000` writes workdir/checkpoint_1000 (Scenic's
+    workdir layout). A trailing slash or an existing folder means a folder; the file it holds restores
+    bit for bit to the source tree."""
+    g = Golden("vit_image_cls")
+    folder = tmp_path / "conv"
+    assert main([str(g.dir / "checkpoint"), "-o", str(folder), "--config", str(g.dir / "config.json"), "-q"]) == 0
+    workdir = tmp_path / "workdir"
+    if form == "existing folder":
+        workdir.mkdir()
+    target = str(workdir) + ("/" if form.startswith("trailing") else "")
+    assert main(["--to-flax", str(folder), "-o", target, "--step", "1000"]) == 0
+    assert workdir.is_dir() and sorted(p.name for p in workdir.iterdir()) == ["checkpoint_1000"]
+    assert capsys.readouterr().out.startswith(f"wrote {workdir / 'checkpoint_1000'} ")
+    back = read_checkpoint(workdir / "checkpoint_1000")
+    src = flatten_tree(read_checkpoint(g.dir / "checkpoint"))
+    got = flatten_tree(back)
+    assert set(got) == set(src) and all(np.asarray(got[k]).tobytes() == np.asarray(src[k]).tobytes() for k in src)
+
+
+def test_to_flax_folder_without_step_is_refused_and_creates_nothing(tmp_path, capsys):
+    g = Golden("vit_image_cls")
+    folder = tmp_path / "conv"
+    assert main([str(g.dir / "checkpoint"), "-o", str(folder), "--config", str(g.dir / "config.json"), "-q"]) == 0
+    assert main(["--to-flax", str(folder), "-o", f"{tmp_path / 'wd'}/"]) == 2
+    assert "pass a step" in _one_line_error(capsys) and not (tmp_path / "wd").exists()
+
+
+def test_summary_names_a_trailing_slash_folder_once(tmp_path, capsys):
+    """`-o /tmp/x/` printed `wrote: /tmp/x//`."""
+    g = Golden("vit_image_cls")
+    out = f"{tmp_path / 'x'}/"
+    assert main([str(g.dir / "checkpoint"), "-o", out, "--config", str(g.dir / "config.json")]) == 0
+    wrote = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote:")]
+    assert wrote == [f"wrote:       {tmp_path / 'x'}/ (model.safetensors, config.json)"]

@@ -279,3 +279,30 @@ def test_check_weights_of_another_model_names_both(tmp_path, capsys):
     assert len(err.splitlines()) == 1, err
     assert "image_model/ holds a TokenLearnerViT with tokenizer.type=dynamic" in err
     assert "vit_video_3dconv is a TokenLearnerViT with tokenizer.type=video" in err
+
+
+@pytest.mark.parametrize("kind", ["file", "missing"])
+def test_weights_that_are_not_a_folder_are_named_once(kind, tmp_path, capsys):
+    """`check --weights FILE` repeated the path ("x: not a converted model folder (x: is a file, ...)")."""
+    weights = tmp_path / "model.safetensors"
+    if kind == "file":
+        weights.write_bytes(b"not a folder")
+    assert main(["check", str(GOLDENS / "v1_sum4d"), "--weights", str(weights), "-q"]) == 2
+    err = capsys.readouterr().err
+    state = "is a file" if kind == "file" else "no such folder"
+    assert err == (f"tokenlearner-parity: error: --weights {weights}: {state}; expected a folder written by "
+                   "tokenlearner-convert (model.safetensors + config.json)\n")
+    assert err.count(str(weights)) == 1
+
+
+def test_check_json_records_a_case_with_a_misspelled_field(tmp_path, capsys):
+    case = tmp_path / "case"
+    shutil.copytree(GOLDENS / "v1_sum4d", case)
+    cfg = json.loads((case / "config.json").read_text())
+    cfg["constructor_kwargs"]["use_sum_poolin"] = cfg["constructor_kwargs"].pop("use_sum_pooling", True)
+    (case / "config.json").write_text(json.dumps(cfg))
+    assert main(["check", str(case), "-q", "--json", str(tmp_path / "r.json")]) == 2
+    want = (f"{case / 'config.json'}: TokenLearnerModule: unknown constructor argument 'use_sum_poolin'; "
+            "did you mean 'use_sum_pooling'?")
+    assert capsys.readouterr().err == f"tokenlearner-parity: error: {want}\n"
+    assert json.loads((tmp_path / "r.json").read_text()) == {"passed": False, "reports": [], "errors": [want]}

@@ -264,3 +264,24 @@ def test_live_takes_a_converted_folder(tmp_path, capsys):
     assert main(["live", str(GOLDENS / "vit_video_3dconv"), "--checkpoint", str(out), "-q"]) == 2
     err = capsys.readouterr().err
     assert "my_model/ holds a TokenLearnerViT with tokenizer.type=dynamic" in err and "vit_video_3dconv" in err
+
+
+@pytest.mark.parametrize("bad", ["hiden_size", "missing file", "input shape"])
+def test_cli_live_json_records_bad_input(bad, tmp_path, capsys):
+    """`live --json` on bad input writes an error record, as `check --json` does (it wrote nothing)."""
+    out = tmp_path / "r.json"
+    config = json.loads(json.dumps(VIT))
+    extra: list[str] = []
+    if bad == "hiden_size":
+        config["constructor_kwargs"]["hiden_size"] = config["constructor_kwargs"].pop("hidden_size")
+        target = json.dumps(config)
+        want = "config: TokenLearnerViT: unknown constructor argument 'hiden_size'; did you mean 'hidden_size'?"
+    elif bad == "missing file":
+        target = str(tmp_path / "nope.json")
+        want = f"{target}: no such config file or case folder"
+    else:
+        target, extra = json.dumps(config), ["--input-shape", "garbage"]
+        want = "--input-shape 'garbage': expected NAME=D0,D1,... (e.g. x=2,32,32,3)"
+    assert main(["live", target, "-q", "--json", str(out), *extra]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"tokenlearner-parity: error: {want}"
+    assert json.loads(out.read_text()) == {"passed": False, "reports": [], "errors": [want]}
