@@ -2,7 +2,8 @@
 # One entry point for newcomers and CI: sets up a virtual environment (once), then runs a job.
 #   bash run.sh demo   convert a bundled Scenic checkpoint and prove the port equals Scenic on it
 #   bash run.sh test   the whole test suite (what CI runs)
-#   bash run.sh bench  the speed benchmark
+#   bash run.sh bench  the speed benchmark: its table goes to a temporary folder (path printed); add --write
+#                      to update benchmarks/results/cpu.md, e.g. bash run.sh bench --quick (a smoke run)
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -2,10 +2,11 @@
 
 One command::
 
-    python benchmarks/bench_speed.py            # full run (inference and training rows, compile, memory)
+    python benchmarks/bench_speed.py --write    # full run (inference and training rows, compile, memory)
+                                                # -> benchmarks/results/cpu.md (without --write: a temp folder)
     python benchmarks/bench_speed.py --rows train --only "B/16 TokenLearner"   # the CPU training rows
-    python benchmarks/bench_speed.py --quick    # smoke test: a tiny TokenLearner ViT, one round (~1 min)
-    python benchmarks/bench_speed.py --device cuda   # the same on the first GPU -> benchmarks/results/gpu.md
+    python benchmarks/bench_speed.py --quick    # smoke test: a tiny TokenLearner ViT, one round (~1 min), temp folder
+    python benchmarks/bench_speed.py --device cuda --write   # the same on the first GPU -> benchmarks/results/gpu.md
 
 Training rows (``--rows train``): forward + backward of softmax cross-entropy against Scenic's
 ``jax.jit(jax.value_and_grad(loss))`` and a full AdamW step against ``optax.adamw`` in one jitted step, with
@@ -58,6 +59,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -765,7 +767,10 @@ def main() -> None:
                    help="full-step rows: comma-separated, of optax (the project's optax-order AdamW, "
                         "tokenlearner_torch.training) and torch (torch.optim.AdamW fused); default both")
     p.add_argument("--only", default=None, help="substring of the workload names to run")
-    p.add_argument("--out", default=None, help="default benchmarks/results/cpu.md (cuda: gpu.md)")
+    p.add_argument("--write", action="store_true",
+                   help="update the committed table, benchmarks/results/cpu.md (cuda: gpu.md); without it the "
+                        "table goes to a new temporary folder, whose path is printed")
+    p.add_argument("--out", default=None, help="write the table to this file instead (not with --write)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--memory-kind", default="infer", choices=("infer", "train"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -811,8 +816,13 @@ def main() -> None:
     selected = {n: s for n, s in workloads.items() if not (args.only and args.only not in n)}
     if not selected:
         _fail(f"--only {args.only!r} matches no workload; the workloads are: {'; '.join(workloads)}")
-    if args.out is None:
+    if args.write and args.out is not None:
+        _fail("--write updates the committed table; --out writes elsewhere: give one of them")
+    if args.write:
         args.out = str(ROOT / "benchmarks" / "results" / ("gpu.md" if cuda else "cpu.md"))
+    elif args.out is None:
+        # A smoke or trial run never touches the committed tables: only an explicit --write does.
+        args.out = str(Path(tempfile.mkdtemp(prefix="tokenlearner-bench-")) / ("gpu.md" if cuda else "cpu.md"))
     torch.manual_seed(0)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     header = machine_info(args.device, tuple(dict.fromkeys(args.precs + args.train_precs)))
@@ -820,14 +830,20 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = "# GPU benchmark (latest run)" if cuda else "# CPU benchmark (latest run)"
-    # The options shape a run (rows, batches, precisions, compile subset): record them, less --out.
+    # The options shape a run (rows, batches, precisions, compile subset): record them, less --out / --write.
     argv = sys.argv[1:]
-    kept = [a for i, a in enumerate(argv) if not (a.startswith("--out") or (i and argv[i - 1] == "--out"))]
+    kept = [a for i, a in enumerate(argv)
+            if not (a.startswith("--out") or a == "--write" or (i and argv[i - 1] == "--out"))]
     command = shlex.join(["python", "benchmarks/bench_speed.py"] + kept)
 
     def write(text: str, partial: bool = False) -> None:
         note = "_Partial: written after each row; the run was still going or was cut off._\n\n" if partial else ""
-        out.write_text(f"{title}\n\n{note}Command: `{command}`\n\n" + text)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # renamed into place: never a half-written table
+        try:
+            tmp.write_text(f"{title}\n\n{note}Command: `{command}`\n\n" + text)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def batches_of(value: Optional[str], default: list[int]) -> list[int]:
         return [int(b) for b in value.split(",")] if value else default
@@ -885,6 +901,8 @@ def main() -> None:
     print(text)
     write(text)
     log(f"written {out}")
+    if not args.write:
+        log(f"(not the committed table: --write updates benchmarks/results/{'gpu.md' if cuda else 'cpu.md'})")
 
 
 if __name__ == "__main__":

@@ -30,14 +30,29 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=timeout)
 
 
-def test_quick_run_all_rows(tmp_path):
-    out = tmp_path / "quick.md"
+def test_quick_run_all_rows():
+    """Also: a run without --write (nor --out) leaves the committed table alone and says where its table went
+    (`bash run.sh bench --quick` overwrote benchmarks/results/cpu.md)."""
+    import shutil
+    import tempfile
+
+    committed = ROOT / "benchmarks" / "results" / "cpu.md"
+    before = committed.read_bytes()
     # Inference in bf16 only (the float32 inference path is the same code, and the goldens cover it), training
     # at both precisions with both optimisers.
     res = _run("--quick", "--backend", "aot_eager", "--precision", "bf16", "--train-precision", "highest,bf16",
-               "--optimizer", "optax,torch", "--out", str(out))
+               "--optimizer", "optax,torch")
     assert res.returncode == 0, res.stderr[-3000:]
-    text = out.read_text()
+    assert committed.read_bytes() == before
+    written = re.findall(r"^written (.+)$", res.stderr, re.M)
+    assert len(written) == 1 and "not the committed table: --write updates benchmarks/results/cpu.md" in res.stderr
+    out = Path(written[0])
+    assert out.parent.parent == Path(tempfile.gettempdir()) and out.parent.name.startswith("tokenlearner-bench-")
+    try:
+        text = out.read_text()
+        assert sorted(p.name for p in out.parent.iterdir()) == ["cpu.md"]  # no temporary file left beside it
+    finally:
+        shutil.rmtree(out.parent)
     assert "Command: `python benchmarks/bench_speed.py --quick" in text
     # inference rows: both precisions, eager and compiled, errors within the modes' tolerances
     infer = re.findall(r"^\| tiny TokenLearner ViT \(smoke test\) \| 2 \| (highest|bf16) \|(.*)$", text, re.M)
@@ -76,6 +91,7 @@ def test_quick_run_all_rows(tmp_path):
         (["--train-batches", "0"], "--train-batches takes comma-separated positive integers"),
         (["--optimizer", "sgd"], "--optimizer takes a comma-separated list of optax, torch"),
         (["--quick", "--only", "nothing-like-this"], "--only 'nothing-like-this' matches no workload"),
+        (["--quick", "--write"], "--write updates the committed table; --out writes elsewhere: give one of them"),
     ],
 )
 def test_bad_options_one_line(args, message, tmp_path):

@@ -234,6 +234,59 @@ def test_viz_video_from_image_files(tmp_path, capsys):
     _assert_png(out, (600, 400))
 
 
+@pytest.mark.parametrize("frames, resize", [(1, None), (1, "model"), (2, "model"), (4, "16x16")])
+def test_viz_video_wrong_frame_count_names_it(tmp_path, capsys, frames, resize):
+    """The video golden takes 4 frames of 32x32 (32 positions = 2 tubelets of 2 frames x 4x4 patches of 8x8):
+    a wrong frame count is named as such, with or without --resize (which used to fail differently)."""
+    from PIL import Image
+
+    paths = []
+    for i in range(frames):
+        paths.append(tmp_path / f"f{i}.png")
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(paths[-1])
+    out = tmp_path / "o.png"
+    extra = [] if resize is None else (["--resize"] if resize == "model" else ["--resize", resize])
+    rc, stdout, err = _viz(capsys, GOLDENS_DIR / "vit_video_3dconv", *paths, "-o", out, "--normalize", "unit", *extra)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not out.exists(), err
+    plural = "frame" if frames == 1 else "frames"
+    assert f"error: {frames} {plural} given; " in err, err
+    if resize == "16x16":  # 16x16 frames: 4 patches each, so 8 tubelets = 16 frames
+        assert "with frames of 16x16 the model takes 16 frames (32 positions = 8 tubelets of 2 frames" in err, err
+    elif resize is None:
+        assert ("with frames of 32x32 the model takes 4 frames (32 positions = 2 tubelets of 2 frames "
+                "(patches.size[2]) x 16 patches of 8x8)") in err, err
+    else:
+        assert "the model takes 4 frames of 32x32 or 16 frames of 16x16" in err, err
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_viz_says_it_converted_an_image_to_rgb(tmp_path, capsys, mode):
+    """Grayscale and RGBA images become RGB as Pillow converts them (gray copied to 3 channels; alpha dropped,
+    not composited), and the command says so on stderr, naming the file and the mode."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    shape = (32, 32) if mode == "L" else (32, 32, 4)
+    pix = rng.integers(0, 256, shape, dtype=np.uint8)
+    path = tmp_path / f"{mode}.png"
+    Image.fromarray(pix, mode).save(path)
+    out = tmp_path / "maps.png"
+    rc, stdout, err = _viz(capsys, GOLDENS_DIR / "vit_image_cls", path, "-o", out, "--normalize", "unit")
+    assert rc == 0, err
+    what = {"L": "grayscale copied to R, G and B", "RGBA": "the alpha channel dropped (not composited)"}[mode]
+    assert err.strip() == f"tokenlearner-viz: note: {path}: converted {mode} to RGB ({what})", err
+    from tokenlearner_torch.viz.cli import _read_image
+
+    rgb = _read_image(path)
+    expected = np.repeat(pix[..., None], 3, axis=-1) if mode == "L" else pix[..., :3]
+    np.testing.assert_array_equal(rgb, expected)
+    rgb_path = tmp_path / "rgb.png"  # an RGB file is read as it is, and nothing is said
+    Image.fromarray(expected).save(rgb_path)
+    capsys.readouterr()
+    np.testing.assert_array_equal(_read_image(rgb_path), expected)
+    assert capsys.readouterr().err == ""
+
+
 def test_viz_preprocessing_is_scenics_imagenet_normalisation(tmp_path):
     import argparse
 

@@ -146,18 +146,92 @@ def expected_frame_size(model: Any, config: dict[str, Any], n_frames: int) -> tu
     return ((g * fh, g * fw) if g * g == per_frame and t else None), per_frame
 
 
+def frames_needed(model: Any, config: dict[str, Any], h: int, w: int) -> Optional[tuple[int, bool, str]]:
+    """``(frames, at_least, why)`` a video model takes at frames of ``h`` x ``w``, or None if no count fits.
+
+    The position embedding fixes the tokens: token frames x patches per frame. ``at_least``: frame sampling
+    takes any clip of ``n_sampled_frames`` frames or more."""
+    positions = int(model.Transformer.posembed_input.pos_embedding.shape[1])
+    fh, fw = _patch(config)
+    per_frame = (h // fh) * (w // fw)
+    if per_frame == 0 or positions % per_frame:
+        return None
+    t = positions // per_frame
+    method = _video_method(model, config)
+    grid = f"{per_frame} patches of {fh}x{fw}"
+    if method == "3d_conv":
+        ft = int(_tokenizer(config)["patches"]["size"][2])
+        return t * ft, False, f"{positions} positions = {t} tubelets of {ft} frames (patches.size[2]) x {grid}"
+    if method == "temporal_sampling":
+        n = int(_tokenizer(config)["temporal_encoding_config"]["n_sampled_frames"])
+        if t != n:
+            return None
+        return n, True, f"{positions} positions = {n} sampled frames (n_sampled_frames) x {grid}"
+    return t, False, f"{positions} positions = {t} frames x {grid}"
+
+
+def _frames_text(n: int) -> str:
+    return f"{n} frame" + ("" if n == 1 else "s")
+
+
+def check_frame_count(n_frames: int, hw: Optional[tuple[int, int]], model: Any, config: dict[str, Any]) -> None:
+    """UsageError naming the frame count unless ``n_frames`` frames (of ``hw``; None: any square size, as
+    ``--resize`` makes them) give the tokens the video model's position embedding was made for."""
+    fh, fw = _patch(config)
+    if hw is not None:
+        need = frames_needed(model, config, *hw)
+        if need is None:
+            return  # no frame count fits this size: check_fits names the size
+        k, at_least, why = need
+        if n_frames == k or (at_least and n_frames > k):
+            return
+        raise UsageError(f"{_frames_text(n_frames)} given; with frames of {hw[0]}x{hw[1]} the model takes "
+                         f"{_frames_text(k)}{' or more' if at_least else ''} ({why})")
+    square, _ = expected_frame_size(model, config, n_frames)
+    if square is not None:
+        return
+    positions = int(model.Transformer.posembed_input.pos_embedding.shape[1])
+    fits = []  # the (frames, square size) pairs the position embedding allows
+    for t in range(1, positions + 1):
+        g = math.isqrt(positions // t)
+        if positions % t == 0 and g * g == positions // t:
+            need = frames_needed(model, config, g * fh, g * fw)
+            if need is not None:
+                fits.append(f"{_frames_text(need[0])}{' or more' if need[1] else ''} of {g * fh}x{g * fw}")
+    raise UsageError(f"{_frames_text(n_frames)} given; the model takes " + (" or ".join(fits[:3]) or "another count")
+                     + f" ({positions} positions of {fh}x{fw} patches)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The inputs
 
 
+# What converting a Pillow image mode to RGB does, said on stderr (never silently).
+_CONVERSIONS = {
+    "L": "grayscale copied to R, G and B",
+    "LA": "grayscale copied to R, G and B; the alpha channel dropped (not composited)",
+    "RGBA": "the alpha channel dropped (not composited)",
+    "P": "palette colours looked up",
+    "PA": "palette colours looked up; the alpha channel dropped (not composited)",
+    "CMYK": "CMYK converted by Pillow's formula (no colour profile)",
+    "1": "black and white to 0 / 255",
+}
+
+
 def _read_image(path: Path) -> np.ndarray:
+    """An image file as [H, W, 3] uint8 RGB; any other mode is converted, and the conversion said on stderr."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            mode = im.mode
+            rgb = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise UsageError(f"{path}: cannot read as an image ({exc})") from None
+    if mode != "RGB":
+        what = _CONVERSIONS.get(mode, "Pillow's conversion")
+        print(f"{PROG}: note: {path}: converted {mode} to RGB ({what})", file=sys.stderr)
+    return rgb
 
 
 def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -194,6 +268,9 @@ def images_to_input(paths: list[Path], args: argparse.Namespace, model: Any, con
                          + "; ".join(f"{k} = {v}" for k, v in NORMALIZATION_TEXT.items()))
     imgs = [_read_image(p) for p in paths]
     n_frames = len(imgs) if video else 1
+    if video:  # the frame count first: with a wrong one, no frame size fits
+        given = None if args.resize == "model" else (_parse_hw(args.resize) if args.resize else imgs[0].shape[:2])
+        check_frame_count(n_frames, given, model, config)
     square, per_frame = expected_frame_size(model, config, n_frames)
     fh, fw = _patch(config)
     if args.resize is not None:
