@@ -175,8 +175,11 @@ def check_training_case(case_dir: Path, steps: Optional[int] = None, tol: Option
 # ------------------------------------------------------------------------------------------------------------
 # The Flax side for a config: the project's Flax reference + optax + Scenic's train_step semantics in JAX.
 
-def optax_chain(optimizer_config: Mapping[str, Any], lr_fn, params: Mapping[str, Any]):
-    """Scenic's ``get_optimizer`` as optax calls (the order of scenic/train_lib/optimizers.py)."""
+def optax_chain(optimizer_config: Mapping[str, Any], lr_fn, params: Mapping[str, Any], schedule=None):
+    """Scenic's ``get_optimizer`` as optax calls (the order of scenic/train_lib/optimizers.py).
+
+    ``schedule``: optax's ``count -> learning rate``; default ``lr_fn`` evaluated eagerly on a concrete count
+    (not traceable: a jitted step passes a traceable one, e.g. a table lookup)."""
     import jax
     import optax
 
@@ -196,7 +199,8 @@ def optax_chain(optimizer_config: Mapping[str, Any], lr_fn, params: Mapping[str,
     if clip and clip.get("clip_method") == "clip_by_global_norm" and clip.get("clip_value") is not None:
         ops.append(optax.clip_by_global_norm(clip["clip_value"]))
     freeze = cfg.pop("freeze_params_reg_exp", None)
-    schedule = lambda count: np.float32(lr_fn(int(count)))  # noqa: E731 - evaluated eagerly (count is concrete)
+    if schedule is None:
+        schedule = lambda count: np.float32(lr_fn(int(count)))  # noqa: E731 - evaluated eagerly (count is concrete)
     opt = getattr(optax, name)(learning_rate=schedule, **cfg)
     if freeze:
         from tokenlearner_torch.weights_convert.layouts import flatten_tree, unflatten_tree
