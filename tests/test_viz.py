@@ -469,6 +469,37 @@ def test_readme_pictures_are_committed_small_and_not_blank():
         assert f"-o {rel}" in readme or f"--plot {rel}" in readme, f"no command line in the README makes {rel}"
 
 
+def _readme_images_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_readme_images.py"
+    spec = importlib.util.spec_from_file_location("make_readme_images", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (dataclasses look their module up there)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_pictures_match_their_commands_today(tmp_path):
+    """Every README picture's command, re-run now (into a temporary folder), prints what its recorded output
+    (docs/images/<name>.txt, written with the picture by scripts/make_readme_images.py) says: the numbers,
+    verdicts and first diverging module the picture shows are today's. The README shows those commands."""
+    script = _readme_images_script()
+    readme = (script.ROOT / "README.md").read_text()
+    for picture in script.PICTURES:
+        assert picture.command in readme, f"the README does not show {picture.command}"
+        assert f"]({picture.png})" in readme, f"the README does not show {picture.png}"
+        recorded = picture.record.read_text()
+        today = script.run(picture, tmp_path / f"{picture.name}.png")
+        assert today == recorded, (
+            f"{picture.png} no longer matches its command; run `python scripts/make_readme_images.py "
+            f"{picture.name}` (records on {script.environment()})\n--- recorded\n{recorded}--- today\n{today}"
+        )
+        _assert_png(tmp_path / f"{picture.name}.png")
+
+
 def test_viz_representation_video_npy(tmp_path, capsys):
     import json
 
