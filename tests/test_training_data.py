@@ -118,17 +118,18 @@ def test_digits_are_sklearns_upsampled():
     ref = load_digits()
     d = build_dataset(_digits_cfg(eval_batch_size=297))
     v = next(d.valid_iter)
-    # The split: validation = the last 297 examples in load_digits() order; 0..16 -> v/8 - 1; pixel (y, x)
-    # repeated over the 2x2 block (2y..2y+1, 2x..2x+1) of all 3 channels.
-    np.testing.assert_array_equal(v["label"], ref.target[1500:])
-    img = ref.images[1500 + 5]
+    # The split: load_digits() shuffled by default_rng(0).permutation(1797), validation = the last 297;
+    # 0..16 -> v/8 - 1; pixel (y, x) repeated over the 2x2 block (2y..2y+1, 2x..2x+1) of all 3 channels.
+    order = np.random.default_rng(0).permutation(1797)
+    np.testing.assert_array_equal(v["label"], ref.target[order[1500:]])
+    img = ref.images[order[1500 + 5]]
     for (y, x) in [(0, 0), (3, 4), (7, 7)]:
         np.testing.assert_array_equal(v["inputs"][5, 2 * y:2 * y + 2, 2 * x:2 * x + 2, :],
                                       np.full((2, 2, 3), img[y, x] / 8.0 - 1.0, np.float32))
     # Training examples come from the first 1500 only, each once per epoch.
     labels = np.concatenate([next(d.train_iter)["label"] for _ in range(1500 // 24)])
     counts = np.bincount(labels, minlength=10)
-    expected = np.bincount(ref.target[:1500], minlength=10)
+    expected = np.bincount(ref.target[order[:1500]], minlength=10)
     assert np.all(counts <= expected) and counts.sum() == 1488
 
 
@@ -148,9 +149,10 @@ def test_normalisation_constants_from_scenic():
 
 
 def test_center_crop_window_hand_derived():
-    # Scenic's _decode_and_center_crop, image_size 224, CROP_PADDING 32, a 500x375 (HxW) image:
-    # s = int(224 / 256 * 375) = int(328.125) = 328; offsets ((500 - 328) + 1) // 2 = 86, ((375 - 328) + 1) // 2 = 24.
-    assert center_crop_box(500, 375, 224) == (86, 24, 328, 328)
+    # Scenic's _decode_and_center_crop, image_size 224, CROP_PADDING 32, a 501x375 (HxW) image:
+    # s = int(224 / 256 * 375) = int(328.125) = 328; offsets ((501 - 328) + 1) // 2 = 87, ((375 - 328) + 1) // 2 = 24
+    # (odd margins: the extra row/column goes before the crop).
+    assert center_crop_box(501, 375, 224) == (87, 24, 328, 328)
     # 32x32 target on a 64x48 image: s = int(32 / 64 * 48) = 24; ((64 - 24) + 1) // 2 = 20, ((48 - 24) + 1) // 2 = 12.
     assert center_crop_box(64, 48, 32) == (20, 12, 24, 24)
 

@@ -158,8 +158,9 @@ class _DigitsSource(_Source):
     """scikit-learn's digits, 8x8 grey in 0..16, as ``size x size x 3`` float32 in [-1, 1].
 
     Upsampling: each pixel repeated ``size / 8`` times along both axes (nearest neighbour, exact), the grey value
-    copied to the 3 channels, then ``v / 8 - 1`` (0..16 -> [-1, 1]). Split (fixed): the first 1500 examples of
-    ``load_digits()`` train, the last 297 validate (the file groups writers, so mostly unseen writers).
+    copied to the 3 channels, then ``v / 8 - 1`` (0..16 -> [-1, 1]). Split (fixed): ``load_digits()`` in the
+    order of ``numpy.random.default_rng(0).permutation(1797)``, the first 1500 train, the last 297 validate
+    (``order`` holds that order: ``images[order[i]]``).
     """
 
     NUM_TRAIN = 1500
@@ -173,10 +174,11 @@ class _DigitsSource(_Source):
             raise ConfigError(f"dataset_configs.image_size for 'digits' must be a multiple of 8, got {size!r}")
         d = load_digits()
         rep = size // 8
-        img = d.images.astype(np.float32).repeat(rep, axis=1).repeat(rep, axis=2)  # [N, size, size]
+        self.order = np.random.default_rng(0).permutation(len(d.target))
+        img = d.images[self.order].astype(np.float32).repeat(rep, axis=1).repeat(rep, axis=2)  # [N, size, size]
         img = img / np.float32(8.0) - np.float32(1.0)
         self.images = np.ascontiguousarray(np.repeat(img[..., None], 3, axis=-1))
-        self.labels = d.target.astype(np.int32)
+        self.labels = d.target[self.order].astype(np.int32)
         self.num_train = self.NUM_TRAIN
         self.num_eval = len(self.labels) - self.NUM_TRAIN
         self.num_classes = 10
