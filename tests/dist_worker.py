@@ -11,6 +11,11 @@ Modes (each rank writes OUTDIR/rank<r>.json, and rank 0 the .npz files named bel
   fsdp       the unmasked run of ``semantics`` with config.fsdp = True (FSDP2) instead of DDP.
   kill       rank 1 dies (os._exit) after one collective; rank 0 must get an error, not hang.
   stall      rank 1 stops answering (sleeps); rank 0 must get an error after the collective timeout.
+  train, train_kill, train_resume, train_disagree
+             training.train() on the golden (from workdir_step0 and Scenic's ckpt_mid; a rank killed after
+             step 4; the rerun; ranks with different configs).
+  train_fsdp train() with config.fsdp = True from workdir_step0, then from its own checkpoint_3: interrupted
+             (KeyboardInterrupt on both ranks after step 4), and resumed to the end.
 """
 
 from __future__ import annotations
@@ -158,15 +163,16 @@ def fsdp(ctx, out: Path) -> dict:
     return {"params_digest": _digest(params), "logs": logs["logs"], "held": logs["held"]}
 
 
-def _train_once(ctx, out: Path, workdir: Path, tag: str, hooks=()) -> dict:
+def _train_once(ctx, out: Path, workdir: Path, tag: str, hooks=(), *, fsdp: bool = False) -> dict:
     """Scenic's train() on this rank's shard of the golden's batches; rank 0 records every write_scalars."""
     from loop_goldens import LoopCase, RecordingWriter
 
     from tokenlearner_torch.training import train
 
     case = LoopCase("public_pmap2")
+    config = dict(case.config, fsdp=True) if fsdp else case.config
     writer = RecordingWriter() if ctx.is_lead else None
-    state, train_summary, eval_summary = train(config=case.config, dataset=case.dataset(ctx.rank, ctx.world_size),
+    state, train_summary, eval_summary = train(config=config, dataset=case.dataset(ctx.rank, ctx.world_size),
                                                workdir=str(workdir), writer=writer, context=ctx, hooks=hooks)  # fmt: skip
     from tokenlearner_torch.weights_convert.layouts import flatten_tree
 
@@ -184,6 +190,35 @@ def train_runs(ctx, out: Path) -> dict:
     return {tag: _train_once(ctx, out, base / tag, tag) for tag in ("full", "mid")}
 
 
+def train_fsdp(ctx, out: Path) -> dict:
+    """train() with config.fsdp = True from workdir_step0 ("fsdp_full", prepared by the test in rank 0's
+    workdir); then, from that run's own checkpoint_3 (copied by rank 0): a run that both ranks interrupt
+    (KeyboardInterrupt) after step 4 ("fsdp_int": how long until each rank is out of train(), what it
+    raised), and a run to the end ("fsdp_mid")."""
+    import shutil
+
+    base = out / f"rank{ctx.rank}"
+    result = {"fsdp_full": _train_once(ctx, out, base / "fsdp_full", "fsdp_full", fsdp=True)}
+    for tag in ("fsdp_int", "fsdp_mid"):
+        (base / tag).mkdir(parents=True)
+        if ctx.is_lead:
+            shutil.copy(base / "fsdp_full" / "checkpoint_3", base / tag / "checkpoint_3")
+    ctx.barrier()
+
+    def interrupt(step, logs):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    start = time.monotonic()
+    try:
+        _train_once(ctx, out, base / "fsdp_int", "fsdp_int", hooks=[interrupt], fsdp=True)
+        result["fsdp_int"] = {"error": None}
+    except KeyboardInterrupt:
+        result["fsdp_int"] = {"error": "KeyboardInterrupt", "after_s": time.monotonic() - start}
+    result["fsdp_mid"] = _train_once(ctx, out, base / "fsdp_mid", "fsdp_mid", fsdp=True)
+    return result
+
+
 def train_kill(ctx, out: Path) -> dict:
     """Rank 1 dies right after step 4 (checkpoint_3 is on disk); rank 0 must stop with an error."""
 
@@ -193,8 +228,8 @@ def train_kill(ctx, out: Path) -> dict:
 
     try:
         _train_once(ctx, out, out / f"rank{ctx.rank}" / "killed", "killed", hooks=[die])
-    except Exception as e:  # noqa: BLE001 - any error, no hang
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    except Exception as e:  # noqa: BLE001 - any error, no hang; its whole text (the test wants one line)
+        return {"error": f"{type(e).__name__}: {e}"}
     return {"error": None}
 
 
@@ -244,6 +279,8 @@ def main() -> int:
         result.update(train_runs(ctx, out))
     elif mode == "train_disagree":
         result.update(train_disagree(ctx, out))
+    elif mode == "train_fsdp":
+        result.update(train_fsdp(ctx, out))
     elif mode == "train_kill":
         result.update(train_kill(ctx, out))
     elif mode == "train_resume":

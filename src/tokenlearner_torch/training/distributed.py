@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -40,18 +41,68 @@ class PeerError(RuntimeError):
     """Another process of the job died or stopped answering: a collective failed or timed out."""
 
 
+# Markers of a collective that failed because a peer died, hung up or timed out (gloo and nccl's texts);
+# torch >= 2.1 raises DistError subclasses for most of them, gloo's transport errors stay plain RuntimeErrors.
+_PEER_MARKERS = ("connection reset", "connection closed", "closed by peer", "broken pipe", "timed out", "timeout",
+                 "gloo", "nccl", "socket", "processgroup", "connection refused")  # fmt: skip
+# How long a failed rank waits for its peers to say "I saw it too" before naming the silent ones.
+_PROBE_S = 5.0
+_PROBE_KEY = "tokenlearner/peer_failure/"
+
+
+def _is_peer_failure(e: BaseException) -> bool:
+    """A torch.distributed failure (a dead or silent peer), not an error of the work itself (an OOM, a bug)."""
+    dist_error = getattr(_dist(), "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    text = str(e).lower()
+    return any(m in text for m in _PEER_MARKERS)
+
+
+def _silent_peers(ctx: "Context") -> Optional[list[int]]:
+    """The ranks that did not report a failure within a few seconds, through the rendezvous store (not a
+    collective: it works while the process group is broken). None when the store cannot be reached.
+
+    Every rank whose collective fails writes its key, then waits up to ``min(5 s, timeout)`` for the others':
+    a dead rank never writes, a stuck one writes only once its own collective times out."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        store.set(f"{_PROBE_KEY}{ctx.rank}", "1")
+        others = [r for r in range(ctx.world_size) if r != ctx.rank]
+        deadline = time.monotonic() + min(_PROBE_S, ctx.timeout_s)
+        while True:
+            silent = [r for r in others if not store.check([f"{_PROBE_KEY}{r}"])]
+            if not silent or time.monotonic() >= deadline:
+                return silent
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - the store's host may be the dead process: then nobody can be named
+        return None
+
+
 @contextlib.contextmanager
-def _peer_errors(op: str, ctx: "Context") -> Iterator[None]:
-    """torch.distributed's errors of a failed collective (gloo: 'Connection reset by peer', 'Timed out ...';
-    nccl: DistBackendError) as one :class:`PeerError` line naming this rank and the operation."""
+def _peer_errors(op: str, ctx: "Context", *, any_runtime_error: bool = True) -> Iterator[None]:
+    """torch.distributed's errors of a failed collective (gloo: 'Connection closed by peer', 'Timed out ...';
+    nccl: DistBackendError) as one :class:`PeerError` line naming this rank, the operation, the peers that
+    did not answer and the collective timeout. ``any_runtime_error`` False: only errors that look like a
+    collective's failure (:func:`_is_peer_failure`) are converted, others (an OOM, a bug) pass unchanged."""
     try:
         yield
     except RuntimeError as e:  # DistBackendError / DistNetworkError derive from RuntimeError
-        if isinstance(e, PeerError):
+        if isinstance(e, PeerError) or not (any_runtime_error or _is_peer_failure(e)):
             raise
+        ctx.failed = True
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerError(f"rank {ctx.rank}/{ctx.world_size}: {op} failed: another process died or did not answer "
-                        f"within {ctx.timeout_s:g} s ({first[:200]})") from None  # fmt: skip
+        silent = _silent_peers(ctx)
+        if silent:
+            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} died or did not answer"
+        elif silent is None:
+            who = "another process died or did not answer"
+        else:  # every peer reported the same failure: the fault was elsewhere (network, store)
+            who = "the collective broke on every rank"
+        raise PeerError(f"rank {ctx.rank}/{ctx.world_size}: {op} failed: {who} (collective timeout "
+                        f"{ctx.timeout_s:g} s; {first[:200]})") from None  # fmt: skip
 
 
 def _dist():
@@ -105,6 +156,7 @@ class Context:
     backend: Optional[str] = None
     owns_group: bool = False  # True when get_context() initialised the process group (it then destroys it)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    failed: bool = False  # a collective failed (PeerError): the group cannot be torn down collectively
 
     @property
     def is_lead(self) -> bool:
@@ -184,11 +236,13 @@ class Context:
                                   "expected the same on every rank (same command, same files)")  # fmt: skip
 
     def peer_errors(self, op: str = "training step") -> contextlib.AbstractContextManager[None]:
-        """Wrap work whose collectives torch runs itself (DDP's gradient all-reduce in backward): a dead or
-        silent peer becomes one :class:`PeerError` line instead of torch's multi-line report."""
+        """Wrap work whose collectives torch runs itself (DDP's gradient all-reduce in backward, FSDP2's
+        gathers): a dead or silent peer becomes one :class:`PeerError` line naming the operation, the ranks
+        that did not answer and the timeout, instead of torch's multi-line report. Other errors of the work
+        (an out-of-memory, a bug) pass unchanged."""
         if not self.distributed:
             return contextlib.nullcontext()
-        return _peer_errors(op, self)
+        return _peer_errors(op, self, any_runtime_error=False)
 
     # -- models --------------------------------------------------------------------------------------------
     def prepare(self, trainer: Any, *, fsdp: Optional[bool] = None) -> Any:
@@ -224,12 +278,15 @@ class Context:
         return {k: (v[rows] if k in sizes else v) for k, v in batch.items()}
 
     def close(self) -> None:
-        """Destroy the process group if :func:`get_context` made it (a user's own group is left alone)."""
-        if self.owns_group and self.distributed:
+        """Destroy the process group if :func:`get_context` made it (a user's own group is left alone).
+
+        After a :class:`PeerError` the group is left to the process's exit: tearing it down waits for the
+        peers, and one of them is dead."""
+        if self.owns_group and self.distributed and not self.failed:
             dist = _dist()
             if dist.is_initialized():
                 dist.destroy_process_group()
-            self.owns_group = False
+        self.owns_group = False
 
 
 def _first_difference(a: str, b: str, rank_a: int, rank_b: int) -> str:
@@ -245,8 +302,11 @@ def _prepare_fsdp(ctx: Context, trainer: Any) -> None:
     averages the gradients (``ReduceOp.AVG``: the same mean as DDP's, Scenic's ``pmean``), so each process
     holds its shard of the mean gradient. The trainer's optax chain is rebuilt on the sharded parameters, its
     state (restored moments included) sharded the same way: every elementwise step runs on the local shard,
-    and the global norms (clipping, ``l2_*`` logs) are DTensor reductions over all shards. ``trainer.params()``
-    gathers the full tree (a collective: EVERY rank must call it; rank 0 then writes Scenic's format).
+    and the global norms (clipping, ``l2_*`` logs) are DTensor reductions over all shards.
+    ``trainer.params()`` and ``trainer.opt_state_tree()`` gather the full trees (collectives: EVERY rank must
+    call them, in the same order; ``trainer.sharded`` says so, and ``train()`` then builds each checkpoint on
+    every rank and writes it, in Scenic's format, on rank 0). A checkpoint is restored BEFORE this runs:
+    every rank loads the full tree, then keeps its shard of the parameters and moments.
     """
     try:
         from torch.distributed.fsdp import fully_shard
@@ -280,11 +340,22 @@ def _prepare_fsdp(ctx: Context, trainer: Any) -> None:
     trainer.specs, trainer.optimizer, trainer.global_step = specs, optimizer, step_count
     trainer.forward_module = model
 
+    def _plain(value: Any) -> Any:
+        # The logs (global norms of sharded tensors) come back as DTensors; the loop stacks and reads them as
+        # plain tensors. full_tensor() of a replicated 0-d DTensor is its local value (no communication).
+        if isinstance(value, DTensor):
+            return value.full_tensor()
+        if isinstance(value, dict):
+            return {k: _plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return tuple(_plain(v) for v in value)
+        return value
+
     def _wrap(fn: Any) -> Any:
         # The optax chain mixes DTensors with plain 0-d tensors (learning rate, clipping scale): replicated.
         def run(*args: Any, **kwargs: Any) -> Any:
             with implicit_replication():
-                return fn(*args, **kwargs)
+                return _plain(fn(*args, **kwargs))
 
         return run
 
@@ -301,6 +372,15 @@ def _prepare_fsdp(ctx: Context, trainer: Any) -> None:
         return unflatten_tree({k: np.array(v, copy=True) for k, v in flatten_tree(tree).items()})
 
     trainer.params = full_params
+    to_flax = trainer._leaf_to_flax
+
+    def leaf_to_flax(flax_path: str, t: Tensor) -> np.ndarray:
+        # opt_state_tree() walks the moments in the same order on every rank: one all-gather per leaf.
+        return to_flax(flax_path, t.full_tensor() if isinstance(t, DTensor) else t)
+
+    trainer._leaf_to_flax = leaf_to_flax
+    # params() and opt_state_tree() are now collectives: train() builds checkpoints on every rank.
+    trainer.sharded = True
 
 
 def get_context(device: Optional[str | torch.device] = None, *, timeout_s: Optional[float] = None) -> Context:

@@ -16,13 +16,16 @@
   (``config.checkpoint`` False: neither; missing: True).
 
 Not from Scenic: ``hooks`` (``hook(step, logs)`` after each step, logs as device tensors), Ctrl-C (the lead
-writes a checkpoint of the last completed step, then ``KeyboardInterrupt`` propagates), ``dataset.seek(step)``
+writes a checkpoint of the last completed step, then ``KeyboardInterrupt`` propagates; under FSDP2 on several
+processes no checkpoint is written then: see docs/distributed.md), a dead or silent peer during a step, an
+evaluation or a checkpoint (one ``PeerError`` line: ``Context.peer_errors``), ``dataset.seek(step)``
 after a restore, and the torch random state (dropout, mixup) in the checkpoint's ``metadata['torch_rng']``
 so that a resumed run is bitwise the uninterrupted one on CPU. See docs/training.md, "The job: train()".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -70,6 +73,13 @@ class _SingleProcess:
 
     def prepare(self, trainer: ScenicTrainer) -> None:
         pass
+
+
+def _guard(ctx: Any, op: str) -> contextlib.AbstractContextManager[None]:
+    """``ctx.peer_errors(op)``: a collective torch runs inside ``op`` (DDP's backward, FSDP2's gathers) that
+    fails because a peer died becomes one ``PeerError`` line; nothing for a single process."""
+    peer_errors = getattr(ctx, "peer_errors", None)
+    return peer_errors(op) if peer_errors is not None else contextlib.nullcontext()
 
 
 def _context(device: Optional[torch.device]) -> Any:
@@ -293,7 +303,10 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
     if check_agree is not None:  # every rank: the same experiment from the same step, else fail fast
         check_agree("config", json.dumps(cfg, sort_keys=True, default=repr))
         check_agree("checkpoint step", str(start_step))
-    ctx.prepare(trainer)
+    with _guard(ctx, "model preparation"):  # DDP broadcasts rank 0's parameters
+        ctx.prepare(trainer)
+    # FSDP2: the parameters and moments are sharded, so building a checkpoint is a collective of every rank.
+    sharded = ctx.world_size > 1 and bool(getattr(trainer, "sharded", False))
     train_iter, valid_iter = iter(dataset.train_iter), iter(dataset.valid_iter)
 
     own_writer = writer is None and ctx.is_lead
@@ -312,15 +325,21 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
     if start_step == 0:
         step0 = {"num_trainable_params": trainer.num_trainable_params()}
         if cfg.get("count_flops", True):
-            gflops = _gflops(trainer)
+            with _guard(ctx, "FLOP count"):  # FSDP2: the forward gathers the parameters
+                gflops = _gflops(trainer)
             if gflops:
                 step0["gflops"] = gflops
         writer.write_scalars(1, step0)
 
     def save(step: int) -> None:
-        if ctx.is_lead:
+        # DDP: every rank holds everything, rank 0 alone builds and writes. FSDP2: every rank joins the
+        # gathers of the parameters and moments, rank 0 alone writes (the same file as DDP's: Scenic's format).
+        if ctx.is_lead or sharded:
             t0 = time.monotonic()
-            write_checkpoint(workdir, _snapshot(trainer, state, chrono), step, keep=max_keep)
+            with _guard(ctx, f"checkpoint {step}"):
+                snapshot = _snapshot(trainer, state, chrono)
+            if ctx.is_lead:
+                write_checkpoint(workdir, snapshot, step, keep=max_keep)
             chrono.paused += time.monotonic() - t0
 
     def evaluate(step: int) -> dict[str, float]:
@@ -332,7 +351,8 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
             except StopIteration:
                 raise ConfigError(f"dataset.valid_iter ran out after {j} batches at step {step}; an evaluation takes "
                                   f"{steps_per_eval} (ceil(num_eval_examples / eval_batch_size) or steps_per_eval)") from None  # fmt: skip
-            pairs.append(trainer.eval_step(batch))
+            with _guard(ctx, f"evaluation at step {step}"):  # FSDP2: the forward gathers the parameters
+                pairs.append(trainer.eval_step(batch))
         summary = _normalize(_sum_pairs(pairs, ctx), "eval")
         writer.write_scalars(step, {f"valid_{k}": v for k, v in summary.items()})
         flush()
@@ -355,7 +375,8 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
                 except StopIteration:
                     raise ConfigError(f"dataset.train_iter ran out at step {step} of {total_steps}") from None
                 interrupts.in_step = True
-                logs = trainer.step(batch)
+                with _guard(ctx, f"training step {step}"):  # DDP's gradient all-reduce runs in backward
+                    logs = trainer.step(batch)
                 completed = step
                 chrono.steps += 1
                 interrupts.in_step = False
@@ -381,6 +402,11 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
     except KeyboardInterrupt:
         if interrupts.in_step:
             log.warning("interrupted inside step %d: its state is incomplete, no checkpoint written", completed + 1)
+        elif checkpointing and completed > saved and sharded:
+            # A checkpoint of FSDP2's shards is a collective; a rank interrupted at another point (inside its
+            # step, in an evaluation) would never join it and the others would wait for it until the timeout.
+            log.warning("interrupted: no checkpoint of step %d under FSDP2 (gathering the shards needs every rank); "
+                        "the newest is checkpoint_%d", completed, saved)  # fmt: skip
         elif checkpointing and completed > saved:
             log.warning("interrupted: writing checkpoint_%d", completed)
             save(completed)
@@ -391,5 +417,6 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
         else:
             flush()
     ctx.barrier()
-    final = _snapshot(trainer, state, chrono)
+    with _guard(ctx, "final state"):
+        final = _snapshot(trainer, state, chrono)
     return final, train_summary, eval_summary

@@ -112,6 +112,9 @@ class ScenicTrainer:
         # The train-mode forward: the model itself, or its data-parallel wrapper (distributed.Context.prepare:
         # DDP averages the gradients over processes during backward, Scenic's pmean).
         self.forward_module: torch.nn.Module = self.model
+        # True once the parameters are sharded over processes (FSDP2, distributed.Context.prepare): params()
+        # and opt_state_tree() are then collectives every rank must call.
+        self.sharded = False
         # Called with the gradients after backward, before the trainer's clipping (e.g. a custom all-reduce).
         self.grad_hook: Optional[Callable[[list[Tensor]], None]] = None
         self.loss_fn = ScenicClassificationLoss(
