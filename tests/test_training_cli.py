@@ -144,6 +144,8 @@ def _main(capsys, *argv):
      "must be one of the built-in sources digits, image_folder, got 'imagenet' (the Python API"),
     (["--config", CONFIG, "--workdir", "W", "--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
     (["--config", CONFIG, "--workdir", "W", "--set", "num_training_steps=5"], "set one"),
+    (["--config", CONFIG, "--workdir", "W", "--strict", "--set", "lr_configs.learning_rate_schedul=x"],
+     "learning_rate_schedule"),
 ])
 def test_usage_and_input_errors_are_one_line(capsys, tmp_path, argv, expected):
     argv = [a.replace("W", str(tmp_path / "w")) if a == "W" else a for a in argv]

@@ -68,22 +68,16 @@ def _parser() -> Parser:
 
 # -- config --------------------------------------------------------------------------------------------------
 def _load(args: Any) -> dict[str, Any]:
+    """The config file with ``--set`` applied, then checked once (unknown keys: a warning, with ``--strict``
+    a ConfigError)."""
+    from ..config_check import check_experiment_config
     from ..weights_convert.config import apply_sets, parse_set
     from .config import load_config
 
-    config = load_config(args.config)
+    config = load_config(args.config, check=False)
     apply_sets(config, [parse_set(item) for item in args.sets])
-    _check_keys(config, strict=args.strict)
+    check_experiment_config(config, strict=args.strict)
     return config
-
-
-def _check_keys(config: Mapping[str, Any], *, strict: bool) -> None:
-    """The project's config checker (unknown keys: a warning, or with ``strict`` a ConfigError)."""
-    from .. import config_check
-
-    check = getattr(config_check, "check_experiment_config", None)
-    if check is not None:
-        check(config, strict=strict)
 
 
 def _device(text: Optional[str]) -> Optional[str]:
