@@ -241,3 +241,29 @@ def test_bench_overhead_prints_both_precisions():
         res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--device", "cuda"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "CUDA" in res.stderr
+
+
+def test_bench_train_loop_quick(tmp_path):
+    """benchmarks/bench_train_loop.py --quick (issue 17.6): the loop-overhead rounds, the host-read check (the
+    benchmark exits 1 if train() reads the host on a step without a summary more than the bare step does), both
+    data sources and Scenic's jitted step, whose first step must be the port's (same loss and l2_grads). Writes
+    only to --out; the committed results stay as they are."""
+    committed = ROOT / "benchmarks" / "results" / "train_loop.md"
+    before = committed.read_bytes() if committed.exists() else None
+    out = tmp_path / "train_loop.md"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_loop.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (committed.read_bytes() if committed.exists() else None) == before
+    text = out.read_text()
+    ratio = float(re.search(r"\*\*\(b\) / \(a\) per step: ([0-9.]+)\*\*", text).group(1))
+    assert 0.2 < ratio < 5, ratio  # a timing on a shared machine: only its sanity; the read check is exact
+    bare, loop = re.search(r"bare step ([0-9.]+), `train\(\)` ([0-9.]+) \(\*\*asserted", text).groups()
+    assert float(loop) == float(bare), text
+    rows = dict(re.findall(r"^\| (digits|image_folder) \| \d+ \| 1 \| [0-9.]+ \| [0-9.]+ \| ([0-9.]+)%", text, re.M))
+    assert set(rows) == {"digits", "image_folder"} and all(0 <= float(v) <= 100 for v in rows.values()), text
+    loss_err, grad_err = re.search(r"its first step's loss and l2_grads differ from the port's by ([0-9.e+-]+) and "
+                                   r"([0-9.e+-]+)", text).groups()
+    assert float(loss_err) < 1e-5 and float(grad_err) < 1e-5, (loss_err, grad_err)
+    assert re.search(r"\| Scenic's `train_step`, `jax.jit`.*\| [0-9.]+ \|", text)
