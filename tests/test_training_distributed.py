@@ -343,6 +343,70 @@ def test_fsdp2_train_checkpoints_equal_ddp_and_resume(train_runs, golden, tmp_pa
     assert sorted(p.name for p in (tmp_path / "rank0" / "fsdp_int").iterdir()) == ["checkpoint_3"]
 
 
+DIGITS = ROOT / "configs" / "digits_tokenlearner.py"
+# The demo config made tiny: 3 steps of the global batch 64 (32 per process), 2 blocks, one evaluation.
+TINY = ("num_training_epochs=null", "num_training_steps=3", "log_eval_steps=3", "checkpoint_steps=2",
+        "model.num_layers=2", "model.tokenizer.tokenlearner_loc=1")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes(tmp_path):
+    """`torchrun --standalone --nproc_per_node 2 -m tokenlearner_torch.training.cli ...` (the README's
+    command) on gloo: exit 0; rank 0 alone prints (rank 1's stdout and stderr are empty) and writes (one
+    TensorBoard file, each summary once in metrics.jsonl, checkpoint_3 of global step 3)."""
+    import collections
+
+    from tokenlearner_torch.training.checkpoint import read_train_state
+
+    workdir, logs = tmp_path / "wd", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--redirects", "3", "--log-dir", str(logs), "-m", "tokenlearner_torch.training.cli",
+           "--config", f"{DIGITS}:runlocal", "--workdir", str(workdir), "--device", "cpu"]  # fmt: skip
+    for item in TINY:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENLEARNER_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    by_rank = {int(f.parent.name): f for f in logs.rglob("stderr.log")}
+    assert sorted(by_rank) == [0, 1], sorted(logs.rglob("*"))
+    for rank in (0, 1):
+        out = (by_rank[rank].parent / "stdout.log").read_text()
+        assert out == "", (rank, out)
+    err0, err1 = by_rank[0].read_text(), by_rank[1].read_text()
+    assert err1 == "", err1
+    lines = err0.splitlines()
+    assert "Traceback" not in err0 and sum("tokenlearner-train: done: 3 steps;" in ln for ln in lines) == 1, err0
+    assert any(ln.startswith("tokenlearner-train: step 3/3: valid_accuracy=") for ln in lines), err0
+    names = sorted(p.name for p in workdir.iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents.")]  # one per writing process (pid in name)
+    assert len(events) <= 1 and sorted(set(names) - set(events)) == ["checkpoint_3", "metrics.jsonl"], names
+    records = [json.loads(ln) for ln in (workdir / "metrics.jsonl").read_text().splitlines()]
+    seen = collections.Counter((r["step"], k) for r in records for k in r if k != "step")
+    assert seen and max(seen.values()) == 1, seen.most_common(3)
+    assert int(np.asarray(read_train_state(workdir / "checkpoint_3")["global_step"])) == 3
+
+
+def test_cli_prints_a_peer_error_as_one_line(tmp_path, monkeypatch, capsys):
+    """tokenlearner-train when train() raises the PeerError of a dead rank: exit 1 (the run failed, not an
+    input error), one line on stderr naming it, no traceback."""
+    from tokenlearner_torch.training import cli, loop
+    from tokenlearner_torch.training.distributed import PeerError
+
+    message = "rank 0/2: training step 5 failed: rank 1 died or did not answer (collective timeout 30 s; x)"
+
+    def dead_peer(**kwargs):
+        raise PeerError(message)
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(loop, "train", dead_peer)
+    argv = ["--config", f"{DIGITS}:runlocal", "--workdir", str(tmp_path / "wd"), "-q"]
+    for item in TINY:
+        argv += ["--set", item]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"tokenlearner-train: error: PeerError: {message}\n", err
+
+
 def test_train_ranks_with_different_configs_fail_fast(tmp_path):
     """train() on ranks whose configs differ (max_grad_norm): the same one-line ConfigError on both, before
     any step, naming the key where they differ."""

@@ -46,7 +46,7 @@ class PeerError(RuntimeError):
 _PEER_MARKERS = ("connection reset", "connection closed", "closed by peer", "broken pipe", "timed out", "timeout",
                  "gloo", "nccl", "socket", "processgroup", "connection refused")  # fmt: skip
 # How long a failed rank waits for its peers to say "I saw it too" before naming the silent ones.
-_PROBE_S = 5.0
+_PROBE_S = 2.0
 _PROBE_KEY = "tokenlearner/peer_failure/"
 
 
@@ -63,7 +63,7 @@ def _silent_peers(ctx: "Context") -> Optional[list[int]]:
     """The ranks that did not report a failure within a few seconds, through the rendezvous store (not a
     collective: it works while the process group is broken). None when the store cannot be reached.
 
-    Every rank whose collective fails writes its key, then waits up to ``min(5 s, timeout)`` for the others':
+    Every rank whose collective fails writes its key, then waits up to ``min(2 s, timeout)`` for the others':
     a dead rank never writes, a stuck one writes only once its own collective times out."""
     try:
         from torch.distributed.distributed_c10d import _get_default_store
@@ -81,6 +81,18 @@ def _silent_peers(ctx: "Context") -> Optional[list[int]]:
         return None
 
 
+def _first_sentence(e: BaseException) -> str:
+    """torch's error text cut to what says what happened: its first line, without gloo's source location
+    ('[.../pair.cc:537] ') and the generic advice that follows the first sentence."""
+    import re
+
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", first)
+    cut = first.find(". ", 20)
+    return (first[:cut] if cut > 0 else first)[:200]
+
+
 @contextlib.contextmanager
 def _peer_errors(op: str, ctx: "Context", *, any_runtime_error: bool = True) -> Iterator[None]:
     """torch.distributed's errors of a failed collective (gloo: 'Connection closed by peer', 'Timed out ...';
@@ -93,7 +105,7 @@ def _peer_errors(op: str, ctx: "Context", *, any_runtime_error: bool = True) -> 
         if isinstance(e, PeerError) or not (any_runtime_error or _is_peer_failure(e)):
             raise
         ctx.failed = True
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_sentence(e)
         silent = _silent_peers(ctx)
         if silent:
             who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} died or did not answer"
