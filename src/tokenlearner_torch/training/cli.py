@@ -72,11 +72,11 @@ def _load(args: Any) -> dict[str, Any]:
     a ConfigError)."""
     from ..config_check import check_experiment_config
     from ..weights_convert.config import apply_sets, parse_set
-    from .config import load_config
+    from .config import load_config, vit_model_fields
 
     config = load_config(args.config, check=False)
     apply_sets(config, [parse_set(item) for item in args.sets])
-    check_experiment_config(config, strict=args.strict)
+    check_experiment_config(config, strict=args.strict, model_fields=vit_model_fields())
     return config
 
 
@@ -236,18 +236,6 @@ class _Signals:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _seed(config: Mapping[str, Any], rank: int) -> None:
-    """Seed torch's global generator (dropout) from ``config.rng_seed`` and the rank, as Scenic's main seeds
-    ``PRNGKey(rng_seed)`` and its train step folds in the device index. torch seeds it randomly per process, so
-    without this two fresh runs (and a killed run and its reference) would differ; a resumed run replaces this
-    state with the checkpoint's."""
-    import numpy as np
-    import torch
-
-    seed = int(config.get("rng_seed", 0) or 0)
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1))
-
-
 def run(args: Any, *, stderr: TextIO) -> int:
     from .data import build_dataset
     from .distributed import get_context
@@ -257,7 +245,6 @@ def run(args: Any, *, stderr: TextIO) -> int:
     config = _load(args)
     device = _device(args.device)
     ctx = get_context(device)
-    _seed(config, ctx.rank)
     try:
         dataset = build_dataset(config, rank=ctx.rank, world_size=ctx.world_size, data_dir=args.data_dir)
         try:

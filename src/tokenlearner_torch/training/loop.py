@@ -243,6 +243,13 @@ def _snapshot(trainer: ScenicTrainer, base: TrainState, chrono: _Chrono) -> Trai
                       model_state=base.model_state, rng=base.rng, metadata=metadata, trainer=trainer)  # fmt: skip
 
 
+def _seed_torch(seed: int, rank: int) -> None:
+    """Seed torch's global generator (dropout) from ``config.rng_seed`` and the rank, as Scenic's main seeds
+    ``PRNGKey(rng_seed)`` and its train step folds in the device index. torch seeds it randomly per process, so
+    without this two fresh runs (and a killed run and its reference) would differ."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1))
+
+
 def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device: Any = None,
           hooks: Iterable[Callable[[int, dict], None]] = (), context: Any = None) -> tuple[TrainState, dict[str, float], dict[str, float]]:  # fmt: skip
     """Scenic's ``classification_trainer.train()``: returns ``(state, train_summary, eval_summary)``.
@@ -281,6 +288,7 @@ def train(*, config: Any, dataset: Any, workdir: str, writer: Any = None, device
 
     trainer = ScenicTrainer(cfg, meta, device=dev)
     seed = int(cfg.get("rng_seed", 0) or 0)
+    _seed_torch(seed, ctx.rank)  # a restored run replaces this state with the checkpoint's
     # jax.random.PRNGKey(rng_seed)'s raw key: carried in `rng` for Scenic; the port draws from torch.
     state = TrainState(rng=np.array([0, seed & 0xFFFFFFFF], np.uint32), metadata={"chrono": {k: 0.0 for k in _CHRONO_KEYS}},
                        trainer=trainer)  # fmt: skip
