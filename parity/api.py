@@ -28,6 +28,7 @@ from .cases import (
     input_names_for,
     load_case,
     load_json,
+    port_class,
     refuse_nonempty,
     write_case,
 )
@@ -101,7 +102,7 @@ def resolve_config(config_or_case: Any) -> tuple[dict[str, Any], Path | None]:
             raise CaseError(f"{path}: no such config file or case folder")
         config, where = load_json(path), str(path)
     try:  # 'constructor_kwarg', 'hiden_size', 'use_v1l': the converter's named one-line errors, before any Flax
-        check_case_config(config, where)
+        check_case_config(config, where, resolve=port_class)
     except ConfigError as exc:
         raise CaseError(str(exc)) from None
     if "scenic_class" not in config:

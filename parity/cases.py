@@ -152,6 +152,18 @@ def load_params(case_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
     return params, source.name + ("/" if source.is_dir() else "")
 
 
+def port_class(scenic_class: str) -> type | None:
+    """The port's class for a Scenic class name (short or dotted), or None when the port has none: the
+    resolver :func:`~tokenlearner_torch.config_check.check_case_config` takes (the checker sits below the class
+    registry). The registry is imported at call time: it imports torch and the models."""
+    from tokenlearner_torch.scenic import _resolve
+
+    try:
+        return _resolve(scenic_class)
+    except ConfigError:
+        return None
+
+
 def load_case(path: str | os.PathLike[str], *, with_params: bool = True) -> Case:
     """Read a case folder; raise :class:`CaseError` (one line) when it is not a valid case."""
     path = Path(path)
@@ -162,7 +174,7 @@ def load_case(path: str | os.PathLike[str], *, with_params: bool = True) -> Case
         raise CaseError(f"{path}: not a case folder (missing {', '.join(missing)})")
     config = load_json(path / "config.json")
     try:  # a misspelled key ('constructor_kwarg', 'hiden_size', 'use_v1l') is a named error, not a default
-        check_case_config(config, str(path / "config.json"))
+        check_case_config(config, str(path / "config.json"), resolve=port_class)
     except ConfigError as exc:
         raise CaseError(str(exc)) from None
     if "scenic_class" not in config:

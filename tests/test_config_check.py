@@ -27,6 +27,8 @@ import tokenlearner_torch as tl
 from tokenlearner_torch import config_check as cc
 from tokenlearner_torch.config_check import ConfigWarning
 from tokenlearner_torch.errors import ConfigError
+from tokenlearner_torch.parity.cases import port_class
+from tokenlearner_torch.training.config import vit_model_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -49,6 +51,12 @@ def _tiny_kwargs(**tokenizer) -> dict:
 
 def _train_case_config() -> dict:
     return json.loads((TRAIN_CASE / "config.json").read_text())
+
+
+def _check_experiment(config, **kw) -> list[str]:
+    """The checker as the port's trainer and converter call it: the ``model`` section takes TokenLearnerViT's
+    fields (config_check sits below the models, so its callers pass them)."""
+    return cc.check_experiment_config(config, model_fields=vit_model_fields(), **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,14 +112,34 @@ def test_constructor_fields_come_from_the_signatures():
     for name, cls in tl.scenic.SCENIC_CLASSES.items():
         sig = [n for n, p in inspect.signature(cls.__init__).parameters.items()
                if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]  # fmt: skip
-        assert list(cc.constructor_fields(name)) == sig
+        assert list(cc.constructor_fields(cls)) == sig
+        assert port_class(name) is cls and port_class(name.rsplit(".", 1)[1]) is cls  # the case files' resolver
+    assert port_class("NoSuchModule") is None
+    with pytest.raises(TypeError, match="takes a class"):  # a name: its caller resolves it (no registry below)
+        cc.constructor_fields("TokenLearnerViT")
 
 
 def test_case_config_near_miss_is_named():
     cfg = _golden_config()
     cfg["constructor_kwarg"] = cfg.pop("constructor_kwargs")
     with pytest.raises(ConfigError, match=r"^x\.json: unknown field 'constructor_kwarg'; did you mean 'constructor_kwargs'\?$"):
-        cc.check_case_config(cfg, "x.json")
+        cc.check_case_config(cfg, "x.json", resolve=port_class)
+
+
+def test_case_config_checks_the_kwargs_of_the_class_the_resolver_gives():
+    """Inside constructor_kwargs through the caller's resolver: a typo is named (with the file), a class the
+    port does not have is left to from_scenic, and without a resolver only the top level is checked."""
+    cfg = _golden_config()
+    cfg["constructor_kwargs"]["hiden_size"] = cfg["constructor_kwargs"].pop("hidden_size")
+    with pytest.raises(ConfigError) as err:
+        cc.check_case_config(cfg, "x.json", resolve=port_class)
+    assert str(err.value) == f"x.json: {HIDEN}"
+    asked = []
+    cc.check_case_config(cfg, "x.json", resolve=lambda name: asked.append(name))  # unknown class: no check
+    assert asked == [cfg["scenic_class"]]
+    cc.check_case_config(cfg, "x.json")
+    with pytest.raises(ConfigError, match=r"^TokenLearnerViT: unknown constructor argument 'hiden_size'"):
+        cc.check_constructor_kwargs(tl.TokenLearnerViT, cfg["constructor_kwargs"])
 
 
 def test_every_golden_and_scenic_config_passes_without_a_word():
@@ -120,14 +148,14 @@ def test_every_golden_and_scenic_config_passes_without_a_word():
     from tokenlearner_torch.training import load_config
 
     for path in sorted((FIX / "goldens").glob("*/config.json")):
-        cc.check_case_config(json.loads(path.read_text()), str(path))
+        cc.check_case_config(json.loads(path.read_text()), str(path), resolve=port_class)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
         for path in sorted((FIX / "train_goldens").glob("*/config.json")):
             meta = json.loads(path.read_text())
-            assert cc.check_experiment_config(meta["config"]) == []
+            assert _check_experiment(meta["config"]) == []
             if meta.get("surgery"):
-                assert cc.check_experiment_config(meta["surgery"]["source_config"]) == []
+                assert _check_experiment(meta["surgery"]["source_config"]) == []
         load_config(FIX / "scenic_configs" / "im1k_token_learner_config.py", strict=True)
 
 
@@ -141,10 +169,10 @@ def test_lr_schedule_typo_warns_and_strict_refuses():
     bad["lr_configs"]["learning_rate_schedul"] = bad["lr_configs"].pop("learning_rate_schedule")
     want = "config key 'lr_configs.learning_rate_schedul' is read by no code; did you mean 'lr_configs.learning_rate_schedule'?"
     with pytest.warns(ConfigWarning) as record:
-        assert cc.check_experiment_config(bad) == [want]
+        assert _check_experiment(bad) == [want]
     assert [str(w.message) for w in record] == [want]
     with pytest.raises(ConfigError, match="learning_rate_schedul.*did you mean 'lr_configs.learning_rate_schedule'"):
-        cc.check_experiment_config(bad, strict=True)
+        _check_experiment(bad, strict=True)
 
 
 def test_top_level_near_miss_warns_other_scenic_keys_pass():
@@ -154,14 +182,36 @@ def test_top_level_near_miss_warns_other_scenic_keys_pass():
     cfg["dataset_configs"] = {"pp_train": "decode|flip"}  # Scenic's datasets own their keys
     cfg["my_project_note"] = "x"
     with pytest.warns(ConfigWarning, match=r"^config key 'label_smothing' is read by no code; did you mean 'label_smoothing'\?$"):
-        assert len(cc.check_experiment_config(cfg)) == 1
+        assert len(_check_experiment(cfg)) == 1
 
 
 def test_tokenizer_typo_in_an_experiment_config_is_an_error_even_without_strict():
     cfg = _train_case_config()["config"]
     cfg["model"]["tokenizer"]["use_v1l"] = False
     with pytest.raises(ConfigError, match=r"^unknown model.tokenizer field 'use_v1l'; did you mean 'use_v11'\?$"):
-        cc.check_experiment_config(cfg)
+        _check_experiment(cfg)
+    with pytest.raises(ConfigError, match=r"^unknown model.tokenizer field 'use_v1l'"):
+        cc.check_experiment_config(cfg)  # without model fields too: the tokenizer rule needs no class
+
+
+def test_model_section_is_checked_against_the_fields_the_caller_gives():
+    """A typo directly under `model` (where TokenLearnerViT's fields live) warns with the fields the trainer
+    passes; model_fields=None (the caller names no model) leaves that section's own keys unchecked rather than
+    warning on every genuine field, while its subsections are still checked."""
+    cfg = _train_case_config()["config"]
+    cfg["model"]["hiden_size"] = cfg["model"].pop("hidden_size")
+    want = "config key 'model.hiden_size' is read by no code; did you mean 'model.hidden_size'?"
+    with pytest.warns(ConfigWarning):
+        assert _check_experiment(cfg) == [want]
+    assert set(vit_model_fields()) == set(cc.constructor_fields(tl.TokenLearnerViT)) >= {"hidden_size", "tokenizer"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        assert cc.check_experiment_config(_train_case_config()["config"]) == []
+    cfg["model"]["patches"] = {"sise": [4, 4]}
+    with pytest.warns(ConfigWarning):
+        assert cc.check_experiment_config(cfg) == [
+            "config key 'model.patches.sise' is read by no code; did you mean 'model.patches.size'?"
+        ]
 
 
 def test_scenic_trainer_with_the_typo_warns_and_strict_refuses():
@@ -360,12 +410,12 @@ def test_every_key_the_training_code_reads_is_registered():
     def fields(spec: dict) -> set[str]:
         return set(spec).union(*(fields(v) for v in spec.values() if isinstance(v, dict)))
 
-    registered = set().union(*cc.experiment_sections().values()) | fields(cc.TOKENIZER_FIELDS)
+    registered = set().union(*cc.experiment_sections(vit_model_fields()).values()) | fields(cc.TOKENIZER_FIELDS)
     unregistered = {}
     for path in sorted((ROOT / "src" / "tokenlearner_torch" / "training").glob("*.py")):
         for key in _keys_read(path):
             if "." in key:  # cfg_get's dotted paths: the exact section is known
-                ok = cc.is_registered(key)
+                ok = cc.is_registered(key, vit_model_fields())
             else:
                 ok = key in registered or key in NOT_CONFIG
             if not ok:
@@ -379,9 +429,11 @@ def test_registry_scan_sees_a_new_key(tmp_path):
     src.write_text("def f(config):\n    return config.get('warmup_stepz'), cfg_get(config, 'lr_configs.total_steps')\n")
     keys = _keys_read(src)
     assert keys == {"warmup_stepz", "lr_configs.total_steps"}
-    assert cc.is_registered("lr_configs.total_steps") and not cc.is_registered("lr_configs.warmup_stepz")
-    assert cc.is_registered("model.tokenizer.temporal_encoding_config.method")
-    assert cc.is_registered("dataset_configs.anything")  # datasets own their keys
+    fields = vit_model_fields()
+    assert cc.is_registered("lr_configs.total_steps", fields) and not cc.is_registered("lr_configs.warmup_stepz", fields)
+    assert cc.is_registered("model.tokenizer.temporal_encoding_config.method", fields)
+    assert cc.is_registered("dataset_configs.anything", fields)  # datasets own their keys
+    assert cc.is_registered("model.hidden_size", fields) and not cc.is_registered("model.hidden_size", ())
 
 
 def test_parity_train_does_not_import_the_cli():
@@ -396,7 +448,6 @@ def test_parity_train_does_not_import_the_cli():
 
 def test_strict_error_is_a_one_line_usage_error_for_clis():
     with pytest.raises(ConfigError) as err:
-        cc.check_experiment_config({"lr_configs": {"base_learning_rate": 1.0, "warmup_step": 3}, "batch_sise": 2},
-                                   strict=True)  # fmt: skip
+        _check_experiment({"lr_configs": {"base_learning_rate": 1.0, "warmup_step": 3}, "batch_sise": 2}, strict=True)
     text = str(err.value)
     assert "\n" not in text and "'batch_sise'" in text and "'lr_configs.warmup_steps'" in text

@@ -82,9 +82,9 @@ def load_config_file(path: str | Path, num_classes: int | None = None) -> tuple[
     if not isinstance(data, Mapping):
         raise ConfigError(f"{p}: expected a JSON object, got {type(data).__name__}")
     if "scenic_class" in data or "model" not in data:
-        check_case_config(data, str(p))  # 'constructor_kwarg', 'hiden_size', 'use_v1l': named errors
-    else:
-        check_experiment_config(data)  # a key no code reads: a ConfigWarning (one line on the CLI)
+        check_case_config(data, str(p), resolve=_port_class)  # 'constructor_kwarg', 'hiden_size', 'use_v1l': named errors
+    else:  # a key no code reads: a ConfigWarning (one line on the CLI)
+        check_experiment_config(data, model_fields=_vit_model_fields())
     if "scenic_class" in data:
         kwargs = data.get("constructor_kwargs", {})
         if not isinstance(kwargs, Mapping):
@@ -295,13 +295,34 @@ def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _constructor_fields(scenic_class: str) -> set[str] | None:
-    from tokenlearner_torch.scenic import _resolve, _scenic_parameters
+# The class registry and the models are imported at call time: this module is on the converter's start-up
+# path, which reads the checkpoint while torch loads in a thread (and config_check, below the registry, takes
+# these from here).
+
+
+def _port_class(scenic_class: str) -> type | None:
+    """The port's class for a Scenic class name (short or dotted), or None when the port has none."""
+    from tokenlearner_torch.scenic import _resolve
 
     try:
-        return set(_scenic_parameters(_resolve(scenic_class)))
+        return _resolve(scenic_class)
     except ConfigError:
         return None
+
+
+def _vit_model_fields() -> frozenset[str]:
+    """TokenLearnerViT's constructor fields: what an experiment config's ``model`` section gives."""
+    from tokenlearner_torch.conventions import scenic_fields
+    from tokenlearner_torch.models import TokenLearnerViT
+
+    return frozenset(scenic_fields(TokenLearnerViT))
+
+
+def _constructor_fields(scenic_class: str) -> set[str] | None:
+    from tokenlearner_torch.conventions import scenic_fields
+
+    cls = _port_class(scenic_class)
+    return None if cls is None else set(scenic_fields(cls))
 
 
 def _full_name(scenic_class: str) -> str:

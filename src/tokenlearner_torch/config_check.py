@@ -24,6 +24,13 @@ Three kinds of config, three rules:
 :data:`EXPERIMENT_KEYS` is THE registry of the experiment keys the port reads: code that reads a new key
 registers it there (tests/test_config_check.py scans training/*.py for keys read and fails on any not
 registered).
+
+Why the port's classes come in as arguments: this module is on the package's ground floor. ``models.py``
+checks its tokenizer with it and ``scenic.py`` its constructor kwargs, so it imports no model and not the class
+registry (tests/test_house.py: no import circle, function-level imports included). What needs a class takes it
+from its caller, which sits above the models anyway: :func:`check_constructor_kwargs` the class,
+:func:`check_case_config` a ``resolve`` function (Scenic name -> port class), :func:`check_experiment_config`
+the ``model`` section's fields (``TokenLearnerViT``'s: ``training.config.vit_model_fields()``).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
+from .conventions import scenic_fields
 from .errors import ConfigError
 
 __all__ = [
@@ -203,21 +211,17 @@ def check_tokenizer(tokenizer: Any, where: str = "tokenizer") -> None:
         raise ConfigError("; ".join(problems))
 
 
-def constructor_fields(scenic_class: str | type) -> dict[str, inspect.Parameter]:
-    """Scenic's constructor fields of a class (by Scenic name or the port's class), from its signature: the
-    positional-or-keyword parameters (keyword-only ones are the port's extras, e.g. ``input_shape``)."""
-    from .scenic import _resolve, _scenic_parameters  # lazy: scenic.py imports the models, which import us
+def constructor_fields(cls: type) -> dict[str, inspect.Parameter]:
+    """Scenic's constructor fields of the port class ``cls``, from its signature: the positional-or-keyword
+    parameters (keyword-only ones are the port's extras, e.g. ``input_shape``)."""
+    if not isinstance(cls, type):  # a Scenic name: the caller resolves it (this module knows no class)
+        raise TypeError(f"constructor_fields takes a class, got {type(cls).__name__} {cls!r}")
+    return scenic_fields(cls)
 
-    cls = _resolve(scenic_class) if isinstance(scenic_class, str) else scenic_class
-    return _scenic_parameters(cls)
 
-
-def check_constructor_kwargs(scenic_class: str | type, kwargs: Any) -> None:
-    """Raise ConfigError for a key of ``kwargs`` that the class's constructor does not take (naming the closest
-    field), then for an unknown field of its ``tokenizer``."""
-    from .scenic import _resolve
-
-    cls = _resolve(scenic_class) if isinstance(scenic_class, str) else scenic_class
+def check_constructor_kwargs(cls: type, kwargs: Any) -> None:
+    """Raise ConfigError for a key of ``kwargs`` that the constructor of the port class ``cls`` does not take
+    (naming the closest field), then for an unknown field of its ``tokenizer``."""
     keys = _keys(kwargs)
     if keys is None:
         raise ConfigError(f"constructor_kwargs must be a dict, got {type(kwargs).__name__}")
@@ -233,10 +237,17 @@ def check_constructor_kwargs(scenic_class: str | type, kwargs: Any) -> None:
 # Case files: a near miss of a key the code reads is an error
 
 
-def check_case_config(config: Mapping[str, Any], where: str = "config") -> None:
+def check_case_config(
+    config: Mapping[str, Any], where: str = "config", resolve: Optional[Callable[[str], Optional[type]]] = None
+) -> None:
     """Raise ConfigError (``<where>: unknown field 'constructor_kwarg'; did you mean 'constructor_kwargs'?``)
     for a top-level key of a case / golden-style config that is a near miss of a key the code reads, and for
-    unknown constructor arguments or tokenizer fields (when ``scenic_class`` names a class of the port)."""
+    unknown constructor arguments or tokenizer fields of the class ``scenic_class`` names.
+
+    ``resolve``: Scenic class name (short or dotted) -> the port's class, or None for a name the port does not
+    have (then nothing is checked inside ``constructor_kwargs``: ``from_scenic`` names the unknown class).
+    Callers pass one (the class registry sits above this module); without it only the top level is checked.
+    """
     read, notes = CASE_KEYS["read"], CASE_KEYS["notes"]
     for key in config:
         if key in read or key in notes:
@@ -246,12 +257,11 @@ def check_case_config(config: Mapping[str, Any], where: str = "config") -> None:
             raise ConfigError(f"{where}: unknown field {key!r}; did you mean {near!r}?")
     scenic_class = config.get("scenic_class")
     kwargs = config.get("constructor_kwargs", {})
-    if isinstance(scenic_class, str) and _keys(kwargs) is not None:
-        from .scenic import SCENIC_CLASSES, _SHORT
-
-        if scenic_class in SCENIC_CLASSES or scenic_class in _SHORT:  # an unknown class: from_scenic says so
+    if resolve is not None and isinstance(scenic_class, str) and _keys(kwargs) is not None:
+        cls = resolve(scenic_class)
+        if cls is not None:
             try:
-                check_constructor_kwargs(scenic_class, kwargs)
+                check_constructor_kwargs(cls, kwargs)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
 
@@ -260,18 +270,22 @@ def check_case_config(config: Mapping[str, Any], where: str = "config") -> None:
 # Experiment configs: warnings (strict: an error)
 
 
-def experiment_sections() -> dict[str, frozenset[str]]:
-    """:data:`EXPERIMENT_KEYS` with the ``model`` section completed by TokenLearnerViT's constructor fields
-    (all of them: the trainer takes num_classes from dataset_meta_data and the dtype from model_dtype_str,
-    but the converter reads ``model.num_classes`` / ``model.dtype`` of an experiment config)."""
-    from .models import TokenLearnerViT
+def experiment_sections(model_fields: Optional[Iterable[str]]) -> dict[str, frozenset[str]]:
+    """:data:`EXPERIMENT_KEYS` with the ``model`` section completed by ``model_fields``: the model's
+    constructor fields, TokenLearnerViT's for the port's trainer and converter (all of them: the trainer takes
+    num_classes from dataset_meta_data and the dtype from model_dtype_str, but the converter reads
+    ``model.num_classes`` / ``model.dtype`` of an experiment config). ``model_fields=None``: the caller does
+    not say which model, so the ``model`` section is left out (not checked inside; its subsections and the
+    tokenizer still are)."""
+    if model_fields is None:
+        return {s: keys for s, keys in EXPERIMENT_KEYS.items() if s != "model"}
+    return {**EXPERIMENT_KEYS, "model": EXPERIMENT_KEYS["model"] | frozenset(model_fields)}
 
-    return {**EXPERIMENT_KEYS, "model": EXPERIMENT_KEYS["model"] | frozenset(constructor_fields(TokenLearnerViT))}
 
-
-def is_registered(dotted: str) -> bool:
-    """Whether ``'a.b.c'`` is a key the registry knows (inside an unchecked section: always)."""
-    sections = experiment_sections()
+def is_registered(dotted: str, model_fields: Iterable[str]) -> bool:
+    """Whether ``'a.b.c'`` is a key the registry knows (inside an unchecked section: always), the ``model``
+    section taking ``model_fields`` (as :func:`experiment_sections`)."""
+    sections = experiment_sections(model_fields)
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         section = ".".join(parts[:i])
@@ -289,8 +303,8 @@ def is_registered(dotted: str) -> bool:
     return True
 
 
-def _experiment_problems(config: Mapping[str, Any]) -> list[str]:
-    sections = experiment_sections()
+def _experiment_problems(config: Mapping[str, Any], model_fields: Optional[Iterable[str]]) -> list[str]:
+    sections = experiment_sections(model_fields)
     top = sections[""]
     problems = []
     for key in config:
@@ -316,8 +330,14 @@ def _experiment_problems(config: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def check_experiment_config(config: Any, *, strict: bool = False) -> list[str]:
+def check_experiment_config(
+    config: Any, *, strict: bool = False, model_fields: Optional[Iterable[str]] = None
+) -> list[str]:
     """Check a Scenic experiment config (dict or ConfigDict) against :data:`EXPERIMENT_KEYS`.
+
+    ``model_fields``: the constructor fields the ``model`` section may hold besides ``EXPERIMENT_KEYS["model"]``
+    (the port's callers pass TokenLearnerViT's: ``training.config.vit_model_fields()``); None leaves the
+    ``model`` section's own keys unchecked (see :func:`experiment_sections`).
 
     Returns the problems found (one line each). Each is a :class:`ConfigWarning`; with ``strict=True`` a
     :class:`ConfigError` listing them all is raised instead. An unknown ``model.tokenizer`` field is a
@@ -329,7 +349,7 @@ def check_experiment_config(config: Any, *, strict: bool = False) -> list[str]:
     model = plain.get("model")
     if isinstance(model, Mapping) and model.get("tokenizer") is not None:
         check_tokenizer(model["tokenizer"], "model.tokenizer")
-    problems = _experiment_problems(plain)
+    problems = _experiment_problems(plain, model_fields)
     if problems and strict:
         raise ConfigError(f"strict config check: {len(problems)} key(s) no code reads: " + "; ".join(problems))
     for line in problems:

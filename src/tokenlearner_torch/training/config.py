@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 
-__all__ = ["load_config", "cfg_get", "to_plain"]
+__all__ = ["load_config", "cfg_get", "to_plain", "vit_model_fields"]
 
 _MISSING = object()
 
@@ -37,6 +37,16 @@ def cfg_get(cfg: Mapping[str, Any], dotted: str, default: Any = _MISSING) -> Any
             return default
         node = node[key]
     return node
+
+
+def vit_model_fields() -> frozenset[str]:
+    """TokenLearnerViT's constructor fields (Scenic's, from its signature): the keys an experiment config's
+    ``model`` section may give besides ``config_check.EXPERIMENT_KEYS["model"]``. The checker takes them from
+    here (``check_experiment_config(..., model_fields=vit_model_fields())``): it sits below the models."""
+    from ..conventions import scenic_fields
+    from ..models import TokenLearnerViT  # at call time: reading a config needs no torch until it is checked
+
+    return frozenset(scenic_fields(TokenLearnerViT))
 
 
 def _from_py(path: Path, arg: str | None) -> Any:
@@ -82,5 +92,5 @@ def load_config(config: Any, *, strict: bool = False, check: bool = True) -> dic
     if check:
         from ..config_check import check_experiment_config
 
-        check_experiment_config(plain, strict=strict)
+        check_experiment_config(plain, strict=strict, model_fields=vit_model_fields())
     return plain
