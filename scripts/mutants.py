@@ -88,7 +88,8 @@ def _identity(x):
 
 
 @mutant("layer_norm_xla_cpu_runs_fused", "numerics('xla_cpu') silently runs torch's fused LayerNorm",
-        ["tests/test_layer_norm.py::test_xla_cpu_numerics_are_bitwise_jitted_flax"])  # fmt: skip
+        ["tests/test_layer_norm.py::test_xla_cpu_numerics_are_bitwise_jitted_flax[4x197-48]",
+         "tests/test_layer_norm.py::test_xla_cpu_mode_computes_flax_formula[64]"])  # fmt: skip
 def _():
     import torch.nn.functional as F
 
