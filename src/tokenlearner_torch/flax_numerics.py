@@ -1,4 +1,4 @@
-"""Flax's LayerNorm statistics, reproduced to the bit on the CPU reference platform.
+"""Flax's LayerNorm statistics, reproduced to the bit on the measured CPUs (x86-64 AVX2 and AVX-512).
 
 Flax computes ``var = E[x²] - E[x]²`` (``use_fast_variance``). On inputs whose mean is large against their
 spread (mean = 100 x spread, say) that subtraction cancels catastrophically, so Flax's result carries
@@ -50,8 +50,10 @@ With it the mean and variance equal jitted Flax's bit for bit on every row teste
 {1, 3, 8, 16, 24, 32, 48, 64, 100, 768}, rows in {1, 2, 7, 16, 111, 128, 788}, 2-D and 3-D, N(0,1),
 N(100,1), N(1,0.01); plus both sides of the threshold, C = 6 and 8 with 1..511 rows, C up to 4095 in
 one row, 4-D inputs); the output is within 1.5e-6 of Flax (Flax's rsqrt is a hardware approximation
-plus a Newton step). Elsewhere (AVX-512, ARM, GPU, other jaxlib) XLA sums in another order and may move
-the threshold; this order is then as good as any other (an exact float32 sum with its own rounding).
+plus a Newton step). On x86-64 with AVX-512 (measured on AMD EPYC Zen 4) everything above holds except
+which rows LLVM vectorizes in the small C <= 32 loops (``_vector_rows``); the AVX-512 choice is detected
+from /proc/cpuinfo. Elsewhere (ARM, GPU, other jaxlib) XLA sums in another order and may move the
+threshold; this order is then as good as any other (an exact float32 sum with its own rounding).
 """
 
 from __future__ import annotations
@@ -130,9 +132,31 @@ def row_sum(v: Tensor) -> Tensor:
     return total[:, 0]
 
 
+def _has_avx512() -> bool:
+    """Whether this x86-64 CPU has AVX-512F, for which XLA's LLVM backend vectorizes differently."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+AVX512 = _has_avx512()
+
+
 def _vector_rows(rows: int, c: int) -> int:
     """How many leading rows LLVM's vectorizer handles (x*x rounded, no fma) in the fused C <= 32 sum of
-    squares; the others run the scalar, contracted loop. Measured: only C = 6 and C = 8 do this."""
+    squares; the others run the scalar, contracted loop. The choice depends on the CPU XLA compiles for.
+
+    AVX2 (no AVX-512), measured: only C = 6 and C = 8. AVX-512 (AMD EPYC Zen 4; jitted ``nn.LayerNorm``,
+    every C in 2..31 and n in 1..129, one and three batches): C = 5 to 8, all n rows when n is 4 or 8, none
+    for other n < 16, ``8 * (n // 8)`` from n = 16 on. (Flax's ``_compute_stats`` jitted alone is fused
+    differently and vectorizes other rows on AVX-512; the port follows the LayerNorm.)
+    """
+    if AVX512:
+        if not 5 <= c <= 8 or rows < 4 or 8 < rows < 16 or rows in (5, 6, 7):
+            return 0
+        return rows // 8 * 8 if rows >= 16 else rows
     if c == 8:
         return rows if rows == 8 else (rows // 8 * 8 if rows >= 16 else 0)
     if c == 6:

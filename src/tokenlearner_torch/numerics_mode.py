@@ -8,7 +8,7 @@ inputs whose mean is large against their spread it is *closer to the exact Layer
 
 ``"xla_cpu"`` (opt-in, for bit-level studies): Flax's formula summed in XLA:CPU's order
 (:mod:`tokenlearner_torch.flax_numerics`), which reproduces jitted Flax's statistics bit for bit on the
-reference platform (jaxlib 0.10, x86-64 AVX2), rounding noise included. It is 5-10x slower in eager mode,
+measured platforms (jaxlib 0.10, x86-64 AVX2 or AVX-512), rounding noise included. It is 5-10x slower in eager mode,
 branches on shapes (XLA's YNNPACK threshold) and uses ``nextafter``, which ONNX has no function for.
 
     with tokenlearner_torch.numerics("xla_cpu"):
