@@ -34,34 +34,57 @@ LR_CFG = {"learning_rate_schedule": "compound", "factors": "constant*linear_warm
           "base_learning_rate": 0.05, "warmup_steps": 2, "total_steps": 10, "end_learning_rate": 1e-4}
 
 
-def _optax_reference(opt_cfg: dict, lr_fn, params: dict):
-    """Scenic's get_optimizer as optax calls (an independent oracle written from Scenic's documented order)."""
-    cfg = dict(opt_cfg)
-    name = cfg.pop("optimizer")
-    mask = None
-    if cfg.pop("skip_scale_and_bias_regularization", None) and cfg.get("weight_decay", 0):
-        mask = {k: v.ndim != 1 for k, v in params.items()}
-    ops = []
-    if name == "sgd" and "weight_decay" in cfg:
-        wd = cfg.pop("weight_decay")
-        if wd:
-            ops.append(optax.add_decayed_weights(wd, mask))
-    if name == "adamw" and mask is not None:
-        cfg["mask"] = mask
-    clip = cfg.pop("grad_clip", None)
-    if clip:
-        ops.append(optax.clip_by_global_norm(clip["clip_value"]))
-    freeze = cfg.pop("freeze_params_reg_exp", None)
-    opt = getattr(optax, name)(learning_rate=lambda c: jnp.asarray(lr_fn(int(c)), jnp.float32), **cfg)
-    if freeze:
-        import re
+def _optax_schedule():
+    """LR_CFG as optax's own schedules, from the raw config values (not the port's compound_lr_fn).
 
-        frozen = {k: bool(re.search(freeze, k)) for k in params}
-        ops.append(optax.masked(opt, {k: not v for k, v in frozen.items()}))
-        ops.append(optax.masked(optax.set_to_zero(), frozen))
-    else:
-        ops.append(opt)
-    return optax.chain(*ops)
+    Scenic's compound ``constant*linear_warmup*linear_decay``: base * min(1, s / warmup) for s < warmup; from
+    warmup on, (base - end) * max(1 - (s - warmup) / (total - warmup), 0) + end. As optax: a linear ramp 0 ->
+    base over the warmup steps, joined at step 2 to a linear ramp base -> end over total - warmup steps.
+    """
+    base, warmup, total, end = 0.05, 2, 10, 1e-4
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup),
+                                 optax.linear_schedule(base, end, total - warmup)], [warmup])
+
+
+def _rank_not_1(params: dict) -> dict:
+    return {k: v.ndim != 1 for k, v in params.items()}
+
+
+# Each CONFIGS entry as the optax chain Scenic's get_optimizer builds from it, written by hand from the raw
+# Scenic config and scenic/train_lib/optimizers.py (get_optax_optimizer_config's renames: 'adam' with a
+# weight_decay -> adamw; 'momentum' -> sgd with momentum 0.9 unless given; 'nesterov' -> sgd(nesterov=True);
+# beta1/beta2/epsilon -> b1/b2/eps; skip_scale_and_bias_regularization -> the decay masked to ndim != 1;
+# for sgd the decay is add_decayed_weights before the optimizer; grad_clip first; a frozen regex masks the
+# optimizer to the other params and zeroes the frozen ones). The port's translation is never called here.
+HAND_CHAINS = {
+    "adam": lambda s, p: optax.adam(s, b1=0.8, b2=0.99, eps=1e-6),
+    "adam_nesterov": lambda s, p: optax.adam(s, nesterov=True),
+    "adamw_unmasked": lambda s, p: optax.adamw(s, b1=0.9, b2=0.999, weight_decay=0.3),
+    "adamw_masked": lambda s, p: optax.adamw(s, weight_decay=0.1, mask=_rank_not_1(p)),
+    "adamw_default_decay": lambda s, p: optax.adamw(s),  # optax's default weight_decay=1e-4
+    "sgd": lambda s, p: optax.sgd(s),
+    "momentum_default": lambda s, p: optax.sgd(s, momentum=0.9),
+    "momentum_wd": lambda s, p: optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(s, momentum=0.8)),
+    "momentum_wd_masked": lambda s, p: optax.chain(optax.add_decayed_weights(1e-2, _rank_not_1(p)),
+                                                   optax.sgd(s, momentum=0.9)),
+    "nesterov": lambda s, p: optax.sgd(s, momentum=0.9, nesterov=True),
+    "nesterov_no_momentum": lambda s, p: optax.sgd(s, nesterov=True),
+    # Scenic quirk: a new-style config returns before grad_clip_configs is copied in: no clipping.
+    "new_style_grad_clip": lambda s, p: optax.adamw(s, weight_decay=0.05),
+    "new_style_grad_clip_inside": lambda s, p: optax.chain(optax.clip_by_global_norm(0.5),
+                                                           optax.adamw(s, weight_decay=0.05)),
+    "old_style_grad_clip": lambda s, p: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(s)),
+    "freeze": lambda s, p: optax.chain(optax.masked(optax.sgd(s, momentum=0.9), {k: "attn" not in k for k in p}),
+                                       optax.masked(optax.set_to_zero(), {k: "attn" in k for k in p})),
+}
+
+
+def test_lr_schedule_matches_optax_schedule():
+    """The port's compound schedule against optax's linear schedules built from the same raw values."""
+    lr_fn, ref = compound_lr_fn(LR_CFG), _optax_schedule()
+    for step in range(14):
+        assert abs(float(lr_fn(step)) - float(ref(step))) <= 1e-6 * 0.05, step
+    assert float(lr_fn(0)) == 0.0 and abs(float(lr_fn(1)) - 0.025) < 1e-9  # warmup: base * 1 / 2 by hand
 
 
 CONFIGS = {
@@ -80,6 +103,10 @@ CONFIGS = {
     "nesterov_no_momentum": {"optimizer": "nesterov", "optimizer_configs": {}},
     "new_style_grad_clip": {"optimizer_configs": {"optimizer": "adamw", "weight_decay": 0.05},
                             "grad_clip_configs": {"clip_method": "clip_by_global_norm", "clip_value": 0.5}},
+    "new_style_grad_clip_inside": {"optimizer_configs": {"optimizer": "adamw", "weight_decay": 0.05, "grad_clip": {
+        "clip_method": "clip_by_global_norm", "clip_value": 0.5}}},
+    "old_style_grad_clip": {"optimizer": "adam", "optimizer_configs": {},
+                            "grad_clip_configs": {"clip_method": "clip_by_global_norm", "clip_value": 0.5}},
     "freeze": {"optimizer_configs": {"optimizer": "sgd", "momentum": 0.9, "freeze_params_reg_exp": "attn"}},
 }
 
@@ -94,7 +121,7 @@ def test_chain_matches_optax(name):
     torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
     specs = named_specs((k, p, p.ndim) for k, p in torch_params.items())
     opt = scenic_optimizer(opt_cfg, lr_fn, specs)
-    tx = _optax_reference(opt_cfg, lr_fn, params)
+    tx = HAND_CHAINS[name](_optax_schedule(), params)
     jparams = {k: jnp.asarray(v) for k, v in params.items()}
     state = tx.init(jparams)
     for step in range(6):
