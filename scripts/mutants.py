@@ -504,6 +504,8 @@ def _outcome(m: Mutant, rc: int, output: str, seconds: float) -> Outcome:
         return Outcome(m.name, "killed", seconds, _first_failure(output) or "a test failed")
     if rc == 0:
         return Outcome(m.name, "SURVIVED", seconds, f"all of its {len(m.killers)} test id(s) passed")
+    if rc == -2:  # not run
+        return Outcome(m.name, "ERROR", seconds, output)
     return Outcome(m.name, "ERROR", seconds, f"pytest exit {rc}: {_last_lines(output)}")
 
 
@@ -538,15 +540,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.chdir(ROOT)
     if fork:
         _preload()
+    # A killing test whose file is missing makes its mutant an ERROR without a run (and keeps it out of the
+    # baseline, which checks the others).
+    missing = {m.name: [k for k in m.killers if not (ROOT / k.split("::")[0]).is_file()] for m in selected}
+    runnable = [m for m in selected if not missing[m.name]]
     jobs: list[tuple[str, list[str], Optional[str]]] = []
-    if not args.no_baseline:
-        jobs.append(("", sorted({k for m in selected for k in m.killers}), None))
-    jobs += [(m.name, list(m.killers), m.name) for m in selected]
+    if not args.no_baseline and runnable:
+        jobs.append(("", sorted({k for m in runnable for k in m.killers}), None))
+    jobs += [(m.name, list(m.killers), m.name) for m in runnable]
     results = _run_all(jobs, args.jobs, args.timeout, fork)
+    for m in selected:
+        if missing[m.name]:
+            results[m.name] = (-2, f"killing test file missing: {', '.join(missing[m.name])}", 0.0)
 
     rows: list[Outcome] = []
     baseline: Optional[Outcome] = None
-    if not args.no_baseline:
+    if "" in results:
         rc, output, seconds = results[""]
         detail = "" if rc == 0 else f"pytest exit {rc}: {_first_failure(output) or _last_lines(output)}"
         baseline = Outcome("(baseline, unmutated)", "passed" if rc == 0 else "FAILED", seconds, detail)
