@@ -212,6 +212,82 @@ def optax_chain(optimizer_config: Mapping[str, Any], lr_fn, params: Mapping[str,
     return optax.chain(*ops)
 
 
+def scenic_optax_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Scenic's ``get_optax_optimizer_config`` on the raw experiment config, written for the reference side from
+    scenic/train_lib/optimizers.py (not the port's translation): a new-style ``optimizer_configs.optimizer``
+    is returned as is (Scenic quirk: top-level ``grad_clip_configs`` is then not copied in); otherwise
+    'adam' + weight_decay -> adamw, 'momentum' -> sgd (momentum 0.9 unless given), 'nesterov' -> sgd with
+    nesterov, beta1/beta2/epsilon -> b1/b2/eps, and skip_scale_and_bias_regularization / grad_clip_configs
+    copied in."""
+    opt = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dict(config.get("optimizer_configs") or {}).items()}
+    if "optimizer" in opt:
+        return opt
+    name = config.get("optimizer")
+    if name is not None:
+        opt["optimizer"] = name
+        if name == "adam" and "weight_decay" in opt:
+            opt["optimizer"] = "adamw"
+        if name == "momentum":
+            opt["optimizer"] = "sgd"
+            opt.setdefault("momentum", 0.9)
+        if name == "nesterov":
+            opt["optimizer"], opt["nesterov"] = "sgd", True
+    if "skip_scale_and_bias_regularization" in config:
+        opt["skip_scale_and_bias_regularization"] = config["skip_scale_and_bias_regularization"]
+    for old, new in (("beta1", "b1"), ("beta2", "b2"), ("epsilon", "eps")):
+        if old in opt:
+            opt[new] = opt.pop(old)
+    if "grad_clip_configs" in config:
+        opt["grad_clip"] = dict(config["grad_clip_configs"])
+    return opt
+
+
+def reference_lr_fn(lr_configs: Mapping[str, Any]):
+    """Scenic's learning-rate schedule for the reference side, built from the raw ``lr_configs`` with optax's
+    own schedules (``linear_schedule``, ``cosine_decay_schedule``) where Scenic's factor has one, jnp where
+    not (rsqrt), never the port's ``schedules.py``. Returns ``step -> float32``, or None for a factor not
+    covered here (the caller then says the reference rate is the port's)."""
+    import jax.numpy as jnp
+    import optax
+
+    c = dict(lr_configs)
+    base = c.get("base_learning_rate")
+    if "learning_rate_schedule" not in c:
+        return lambda step: np.float32(base)
+    if c["learning_rate_schedule"] != "compound":
+        return None
+    factors = [f.strip() for f in c["factors"].split("*")]
+    if not set(factors) <= {"constant", "linear_warmup", "linear_decay", "rsqrt_decay", "cosine_decay"}:
+        return None
+    if "cosine_decay" in factors and (c.get("t_mul", 1.0) != 1.0 or c.get("m_mul", 1.0) != 1.0):
+        return None
+
+    def lr(step: int):
+        ratio = jnp.float32(1.0)
+        for name in factors:
+            if name == "constant":
+                ratio = ratio * base
+            elif name == "linear_warmup":  # min(1, alpha + s (1 - alpha) / warmup)
+                warm = c["warmup_steps"]
+                ratio = ratio * (optax.linear_schedule(c.get("warmup_alpha", 0.0), 1.0, warm)(step) if warm else 1.0)
+            elif name == "rsqrt_decay":
+                warm, timescale = c.get("warmup_steps", 0.0), c.get("timescale", 10_000)
+                ratio = ratio * jnp.where(warm < step, jnp.sqrt(timescale) / jnp.sqrt(step + timescale - warm), 1.0)
+            elif name == "cosine_decay":  # restarts every cycle (t_mul = 1); the cycle shortened by the warmup
+                warm, cycle = c.get("warmup_steps", 0.0), c["steps_per_cycle"]
+                cycle = cycle - int(warm / (c.get("total_steps", cycle) / cycle))
+                if cycle > 0:
+                    s = max(0.0, step - warm - c.get("start_decay_step", 0.0))
+                    ratio = ratio * optax.cosine_decay_schedule(1.0, cycle, c.get("alpha", 0.0))(s % cycle)
+            else:  # linear_decay of the product so far, down to end_learning_rate
+                warm, end = c.get("warmup_steps", 0.0), c.get("end_learning_rate", 0.0)
+                frac = optax.linear_schedule(1.0, 0.0, c["total_steps"] - warm)(max(0.0, step - warm))
+                ratio = (ratio - end) * frac + end
+        return np.float32(ratio)
+
+    return lr
+
+
 def _jax_loss(kind: str, logits, targets, weights, label_smoothing, l2_decay_factor, params):
     import jax
     import jax.numpy as jnp
@@ -261,7 +337,12 @@ def live_train(config: Any, dataset_meta_data: Mapping[str, Any], steps: int, *,
                          representation_size=model_cfg.get("representation_size"), dropout_rate=0.0,
                          attention_dropout_rate=0.0, classifier=model_cfg.get("classifier", "gap"))  # fmt: skip
     params = jax.tree_util.tree_map(jnp.asarray, trainer.params())
-    tx = optax_chain(trainer.optimizer_config, trainer.lr_fn, params)
+    # The reference side reads the raw config itself: Scenic's translation and schedule, not the port's.
+    ref_lr = reference_lr_fn(cfg_get(cfg, "lr_configs"))
+    ref_lr_source = "optax schedules from the raw lr_configs"
+    if ref_lr is None:
+        ref_lr, ref_lr_source = trainer.lr_fn, "the port's lr_fn (a factor with no reference schedule here)"
+    tx = optax_chain(scenic_optax_config(cfg), ref_lr, params)
     opt_state = tx.init(params)
     onehot = bool(dataset_meta_data.get("target_is_onehot", False))
     n_cls = int(dataset_meta_data["num_classes"])
@@ -280,7 +361,7 @@ def live_train(config: Any, dataset_meta_data: Mapping[str, Any], steps: int, *,
     step_errors: list[dict[str, float]] = []
     shape = [int(d) for d in dataset_meta_data["input_shape"][1:]]
     report = TrainReport(f"{config if isinstance(config, (str, Path)) else cfg.get('experiment_name', 'config')}",
-                         "the project's Flax reference + optax + Scenic's train_step semantics (JAX)",
+                         f"the project's Flax reference + optax + Scenic's train_step semantics (JAX); lr: {ref_lr_source}",
                          tol=tol or PARAM_TOL)  # fmt: skip
     for i in range(steps):
         labels = rng.integers(0, n_cls, size=batch_size)
@@ -299,7 +380,7 @@ def live_train(config: Any, dataset_meta_data: Mapping[str, Any], steps: int, *,
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         report.steps.append({"step": i, "loss": logs["loss"], "ref_loss": float(loss), "learning_rate": logs["learning_rate"],
-                             "ref_learning_rate": float(trainer.lr_fn(i)), "grad_norm": logs["grad_norm"],
+                             "ref_learning_rate": float(ref_lr(i)), "grad_norm": logs["grad_norm"],
                              "ref_grad_norm": float(gnorm)})  # fmt: skip
         port, ref = _flat(trainer.params()), _flat(jax.device_get(params))
         step_errors.append({p: _scaled(port[p], ref[p]) for p in ref})
