@@ -472,21 +472,25 @@ def _run_all(jobs: list[tuple[str, list[str], Optional[str]]], workers: int, tim
     """Run ``(key, node_ids, mutant_name)`` jobs, ``workers`` at a time: ``{key: (exit code, output, seconds)}``
     (exit code -1: killed after ``timeout`` seconds)."""
     pending, running, results = list(jobs), {}, {}
-    while pending or running:
-        while pending and len(running) < workers:
-            key, node_ids, name = pending.pop(0)
-            running[key] = _Run(node_ids, name, fork)
-        time.sleep(0.05)
-        for key, run in list(running.items()):
-            rc = run.poll()
-            seconds = time.perf_counter() - run.start
-            if rc is None and seconds > timeout:
-                run.kill()
-                rc = -1
-            if rc is not None:
-                text = run.output() + (f"\ntimed out after {timeout:.0f} s" if rc == -1 else "")
-                results[key] = (rc, text, seconds)
-                del running[key]
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                key, node_ids, name = pending.pop(0)
+                running[key] = _Run(node_ids, name, fork)
+            time.sleep(0.05)
+            for key, run in list(running.items()):
+                rc = run.poll()
+                seconds = time.perf_counter() - run.start
+                if rc is None and seconds > timeout:
+                    run.kill()
+                    rc = -1
+                if rc is not None:
+                    text = run.output() + (f"\ntimed out after {timeout:.0f} s" if rc == -1 else "")
+                    results[key] = (rc, text, seconds)
+                    del running[key]
+    finally:  # Ctrl-C or an error here: no child outlives the check
+        for run in running.values():
+            run.kill()
     return results
 
 
@@ -582,4 +586,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("mutants.py: interrupted; the running pytest children were stopped", file=sys.stderr)
+        sys.exit(130)
