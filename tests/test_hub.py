@@ -213,4 +213,12 @@ def test_without_huggingface_hub_one_line_error(monkeypatch, tmp_path):
         assert "\n" not in message and "tokenlearner-torch[hub]" in message and "huggingface_hub" in message
     assert not (tmp_path / "x").exists()
     # the folder format itself needs no Hub library: load_pretrained still reads converted folders
-    assert tl.load_pretrained is not None
+    from tokenlearner_torch.weights_convert.convert import convert as convert_folder
+
+    g = Golden("vit_image_cls")
+    convert_folder(g.dir / "checkpoint", tmp_path / "converted", config=g.dir / "config.json")
+    loaded = tl.load_pretrained(tmp_path / "converted")
+    with torch.no_grad():
+        out = loaded(torch.from_numpy(g.inputs[0]))
+    ref = torch.from_numpy(g.outputs["out"])  # genuine Scenic's output
+    assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
