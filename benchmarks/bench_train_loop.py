@@ -170,10 +170,41 @@ def run_loop(cfg: Mapping[str, Any], dataset: Any, device: torch.device, workdir
     return [t[s] for s in range(len(t))], writer
 
 
-def per_step_ms(t: list[float], start: int = WINDOW_START) -> float:
-    """Mean ms per step over steps ``start + 1 .. N - 1`` (``N`` = ``len(t) - 1``)."""
+def run_paired(cfg: Mapping[str, Any], meta: Mapping[str, Any], batches: list, valid: list, device: torch.device,
+               workdir: str) -> tuple[list[float], list[float]]:
+    """``train()`` with a second, bare trainer stepped inside its hook: after ``train()``'s step ``s`` the bare
+    trainer takes step ``s`` on the same batch. Returns per-step seconds ``(loop, bare)`` for steps
+    ``1..N``: ``loop[s-1]`` runs from the end of the previous hook to this one (the loop's work after step
+    ``s-1``, ``next()``, step ``s``), ``bare[s-1]`` is the bare step. Each pair is adjacent in time, so a load
+    spike of the shared machine hits both sides of a pair alike."""
+    from tokenlearner_torch.training import ScenicTrainer, train
+
+    bare_trainer = ScenicTrainer(cfg, meta, device=device)
+    sync = _sync(device)
+    loop_s: list[float] = []
+    bare_s: list[float] = []
+    last = [time.perf_counter()]
+
+    def hook(step: int, logs: dict) -> None:
+        sync()
+        t0 = time.perf_counter()
+        loop_s.append(t0 - last[0])
+        bare_trainer.step(batches[step - 1])
+        sync()
+        t1 = time.perf_counter()
+        bare_s.append(t1 - t0)
+        last[0] = time.perf_counter()
+
+    train(config=cfg, dataset=MemoryDataset(batches, valid, meta), workdir=workdir, writer=ListWriter(),
+          device=device, hooks=[hook])
+    return loop_s, bare_s
+
+
+def per_step_ms(t: list[float], start: int = WINDOW_START) -> tuple[float, float]:
+    """(mean, median) ms per step over steps ``start + 1 .. N - 1`` (``N`` = ``len(t) - 1``): the mean holds the
+    summaries of the window; the median is the typical step, robust to a load spike."""
     end = len(t) - 2
-    return 1e3 * (t[end] - t[start]) / (end - start)
+    return 1e3 * (t[end] - t[start]) / (end - start), 1e3 * statistics.median(np.diff(t[start:end + 1]))
 
 
 def _sync(device: torch.device) -> Callable[[], None]:
@@ -533,24 +564,38 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     flax_run, res["scenic_check"] = scenic_step(job, meta, train_b)
     flax_run(WINDOW_START)  # warm
     times: dict[str, list[float]] = {"bare": [], "loop": [], "scenic": []}
-    ratios = []
+    medians: dict[str, list[float]] = {"bare": [], "loop": []}
+    ratios, median_ratios = [], []
     kinds = ["bare", "loop", "scenic"]
     for r in range(args.repeats):
         order = kinds[r % 3:] + kinds[:r % 3]
         got = {}
         for kind in order:
             if kind == "bare":
-                got[kind] = per_step_ms(run_bare(job, meta, train_b, device))
+                got[kind], med = per_step_ms(run_bare(job, meta, train_b, device))
             elif kind == "loop":
                 with tempfile.TemporaryDirectory() as wd:
-                    got[kind] = per_step_ms(run_loop(job, MemoryDataset(train_b, valid_b, meta), device, wd)[0])
+                    got[kind], med = per_step_ms(run_loop(job, MemoryDataset(train_b, valid_b, meta), device, wd)[0])
             else:
                 got[kind] = 1e3 * flax_run(n - 1 - WINDOW_START) / (n - 1 - WINDOW_START)
             times[kind].append(got[kind])
+            if kind in medians:
+                medians[kind].append(med)
         ratios.append(got["loop"] / got["bare"])
+        median_ratios.append(medians["loop"][-1] / medians["bare"][-1])
         log(f"round {r + 1}/{args.repeats}: bare {got['bare']:.2f} ms, train() {got['loop']:.2f} ms "
             f"(x{ratios[-1]:.3f}), Scenic step {got['scenic']:.2f} ms")
-    res.update(times=times, ratios=ratios)
+    res.update(times=times, ratios=ratios, medians=medians, median_ratios=median_ratios)
+    log("paired runs (a bare step inside train()'s hook)...")
+    pair_sums, pair_ratios = [], []
+    for r in range(args.repeats):
+        with tempfile.TemporaryDirectory() as wd:
+            loop_s, bare_s = run_paired(job, meta, train_b, valid_b, device, wd)
+        window = range(WINDOW_START, n - 1)  # steps WINDOW_START + 1 .. n - 1
+        pair_sums.append(sum(loop_s[i] for i in window) / sum(bare_s[i] for i in window))
+        pair_ratios += [loop_s[i] / bare_s[i] for i in window]
+        log(f"paired {r + 1}/{args.repeats}: train() / bare over the window {pair_sums[-1]:.3f}")
+    res.update(pair_sums=pair_sums, pair_ratios=pair_ratios)
     res["reads"] = count_reads(job, meta, train_b, valid_b, device)
     evals, ckpts = zip(*(time_eval_and_checkpoint(job, meta, valid_b, device) for _ in range(min(3, args.repeats))))
     res.update(eval_ms=_med(list(evals)), ckpt_ms=_med(list(ckpts)), eval_batches=len(valid_b))
@@ -574,7 +619,8 @@ def render(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today().isoformat()}; {_cpu_name()}, {os.cpu_count()} cores, device `{args.device}`, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}.  ",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} "
+        f"(XLA_FLAGS `{os.environ.get('XLA_FLAGS', '')}`).  ",
         f"Load average (1/5/15 min) before: {res['load_before']}; after: {res['load_after']} "
         "(the machine is shared with other jobs: absolute times move with the load; the per-round ratios are the "
         "numbers to read).",
@@ -587,14 +633,24 @@ def render(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         "",
         "## 1. What the loop adds to the bare step",
         "",
-        "| run | ms / step (median) | min | max |",
+        "| run | ms / step: window mean, median of rounds | min, max of rounds | typical step: median step of a round, median of rounds |",
         "|---|---|---|---|",
-        f"| (a) bare loop: `ScenicTrainer.step(batch)` over in-memory batches | {bare:.2f} | {min(t['bare']):.2f} | {max(t['bare']):.2f} |",
+        f"| (a) bare loop: `ScenicTrainer.step(batch)` over in-memory batches | {bare:.2f} | {min(t['bare']):.2f}, "
+        f"{max(t['bare']):.2f} | {_med(res['medians']['bare']):.2f} |",
         f"| (b) `train()` over the same batches (summaries every {cfg.get('log_summary_steps')} steps, in-memory writer) "
-        f"| {loop:.2f} | {min(t['loop']):.2f} | {max(t['loop']):.2f} |",
+        f"| {loop:.2f} | {min(t['loop']):.2f}, {max(t['loop']):.2f} | {_med(res['medians']['loop']):.2f} |",
         "",
-        f"**(b) / (a) per step: {ratio:.3f}** (median of the per-round ratios; target <= 1.05; rounds: "
-        f"{', '.join(f'{r:.3f}' for r in res['ratios'])}).",
+        f"**(b) / (a) per step: {ratio:.3f}** (window means, the summaries included; median of the per-round "
+        f"ratios; target <= 1.05); typical step {_med(res['median_ratios']):.3f}. Per round, mean: "
+        f"{', '.join(f'{r:.3f}' for r in res['ratios'])}; typical: "
+        f"{', '.join(f'{r:.3f}' for r in res['median_ratios'])}.",
+        "",
+        f"**Paired** (steadier on a shared machine): {len(res['pair_sums'])} runs of `train()` with a second, bare "
+        "trainer stepped inside `train()`'s hook on the same batch, so each (loop step, bare step) pair is adjacent in "
+        f"time: window time of `train()` / window time of the bare steps **{_med(res['pair_sums']):.3f}** (median "
+        f"of runs; runs: {', '.join(f'{r:.3f}' for r in res['pair_sums'])}); per step pair, median "
+        f"{_med(res['pair_ratios']):.3f} (quartiles {np.percentile(res['pair_ratios'], 25):.3f}, "
+        f"{np.percentile(res['pair_ratios'], 75):.3f}, {len(res['pair_ratios'])} pairs).",
         "",
         f"Apart (not in the window): one evaluation ({res['eval_batches']} batches of {cfg.get('eval_batch_size')}) "
         f"{res['eval_ms']:.1f} ms, one checkpoint write (params + optimiser state, fsynced) {res['ckpt_ms']:.1f} ms; "
@@ -606,13 +662,15 @@ def render(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         f"Host reads per step (Python-level reads of tensors on the training device, counted in a separate untimed "
         f"run over {reads['steps_checked']} steps without a summary): bare step {reads['bare_per_step']}, "
         f"`train()` {reads['loop_per_step']} (**asserted: `train()` adds none**; after a summary step: "
-        f"{', '.join(f'+{x}' for x in reads['loop_after_summary']) or 'none in the window'}, the summary's one read"
-        f" of the stacked sums). "
+        f"{', '.join(f'+{x}' for x in reads['loop_after_summary']) or 'none in the window'}: the summary reads "
+        f"its stacked sums once per `write_scalars` call). "
         + ("The bare step's own reads, by site: "
            + ", ".join(f"`{k}` x{v}" for k, v in sorted(reads["bare_sites"].items()))
-           + (". On a CPU every tensor is on the training device; `_count()` reads optax's int32 `count`, which "
-              "the port keeps as a host tensor whatever the device (on a GPU: no sync)."
-              if args.device == "cpu" and all(" _count() " in k for k in reads["bare_sites"]) else ".")
+           + (". On a CPU every tensor counts as on the training device; these read optax's int32 `count` "
+              "(`_count()`) and Adam's float32 bias correction (`_bias_correction()`), tensors the port creates on "
+              "the host whatever the device (on a GPU: no sync)."
+              if args.device == "cpu" and all(" _count() " in k or " _bias_correction() " in k
+                                              for k in reads["bare_sites"]) else ".")
            if reads["bare_sites"] else "The bare step reads nothing on the host.")
         + (f" CUDA sync-debug warnings: bare {reads['cuda_sync_warnings'][0]}, train() {reads['cuda_sync_warnings'][1]}."
            if args.device.startswith("cuda") else " Not run on a GPU here: `--device cuda` adds torch's sync-debug "
@@ -624,7 +682,8 @@ def render(res: dict[str, Any], args: argparse.Namespace, command: str) -> str:
         f"image_folder: {res['jpegs']['train']} train / {res['jpegs']['valid']} valid JPEGs of "
         f"{res['jpegs']['side']}x{res['jpegs']['side']} in {res['jpegs']['classes']} classes written to a temporary "
         "folder (Pillow, quality 90), decoded and preprocessed as Scenic's ImageNet pipeline (inception crop, flip, "
-        "bicubic resize to 16, normalisation).",
+        "bicubic resize to 16, normalisation). The waiting column is the starvation; the loader workers also share "
+        f"this machine's {os.cpu_count()} cores with the step, which shows in the ms / step of the two rows.",
         "",
         "| source | loader workers | runs | ms / step (median) | waiting ms / step (median) | share of step time waiting (median, max) | longest single wait ms | first batch ms |",
         "|---|---|---|---|---|---|---|---|",
@@ -678,16 +737,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--jpeg-side", type=int, default=96, help="side of the generated JPEGs (default 96)")
     p.add_argument("--scenic-src", help="a checkout of google-research/scenic: try its genuine train()")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of torch and of XLA (default 1: on a shared, oversubscribed machine OpenMP's "
+                        "barriers make 2-thread times swing 10x; 0 leaves both frameworks' defaults)")
     try:
         args = p.parse_args(argv)
         if args.write and args.out:
             raise BenchError("--write updates the committed table; --out writes elsewhere: give one of them")
         if args.write and args.quick:
             raise BenchError("--quick is a smoke test: it never replaces the committed table (drop --write)")
-        args.steps = args.steps or (8 if args.quick else 100)
-        args.repeats = args.repeats or (1 if args.quick else 6)
+        args.steps = args.steps or (8 if args.quick else 60)
+        args.repeats = args.repeats or (1 if args.quick else 10)
         if args.steps < WINDOW_START + 3:
             raise BenchError(f"--steps must be at least {WINDOW_START + 3} (steps 1..{WINDOW_START} are warm-up)")
+        if args.threads < 0:
+            raise BenchError(f"--threads must be >= 0, got {args.threads}")
         if args.repeats < 1 or args.jpeg_side < 16:
             raise BenchError("--repeats must be >= 1 and --jpeg-side >= 16")
         if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
@@ -698,6 +762,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _fail(str(e))
     out = RESULTS if args.write else Path(args.out) if args.out else \
         Path(tempfile.mkdtemp(prefix="tokenlearner-bench-")) / "train_loop.md"
+    if args.threads:  # before jax is imported (XLA reads its flags once)
+        torch.set_num_threads(args.threads)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + (
+            " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if args.threads == 1
+            else f" intra_op_parallelism_threads={args.threads}")).strip()
     t_start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - t_start:5.1f} s] {s}", file=sys.stderr, flush=True)  # noqa: E731
     import logging
