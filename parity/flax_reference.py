@@ -479,16 +479,18 @@ class EncoderModFuser(nn.Module):
                 continue
             # Scenic quirk: a *fresh* TokenLearner and TokenFuser at every such layer (auto-named
             # TokenLearnerModuleV11_{lyr-loc} / TokenFuser_{lyr-loc}), always with their default sizes
-            # (bottleneck 64, use_normalization=True) and default dropout, whatever the model size.
+            # (bottleneck 64, use_normalization=True) whatever the model size; both take the encoder's
+            # dropout_rate (scenic/projects/token_learner/model.py, EncoderModFuser).
             residual = _fold_frames(x, self.tokenizer_type, self.temporal_dimensions)  # [n*t, hw, c]
             if self.use_v11:
-                y = TokenLearnerModuleV11(self.num_tokens)(residual, deterministic=deterministic)
+                y = TokenLearnerModuleV11(self.num_tokens, dropout_rate=self.dropout_rate)(
+                    residual, deterministic=deterministic)
             else:
                 y = TokenLearnerModule(self.num_tokens)(residual)
             y = _unfold_frames(y, self.tokenizer_type, self.temporal_dimensions)  # [n, t*s, c]
             y = block(y, deterministic=deterministic)
             y = _fold_frames(y, self.tokenizer_type, self.temporal_dimensions)  # [n*t, s, c]
-            y = TokenFuser()(y, residual, deterministic=deterministic)  # [n*t, hw, c]
+            y = TokenFuser(dropout_rate=self.dropout_rate)(y, residual, deterministic=deterministic)  # [n*t, hw, c]
             x = _unfold_frames(y + residual, self.tokenizer_type, self.temporal_dimensions)
         return nn.LayerNorm(name="encoder_norm")(x)
 
