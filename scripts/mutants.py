@@ -132,7 +132,7 @@ def _():
 
 
 @mutant("encoder_dropout_removed", "Encoder1DBlock: the dropout after attention (Dropout_0) removed",
-        ["tests/test_dropout_sites.py"])  # fmt: skip
+        ["tests/test_dropout_sites.py::test_dropout_sites_match_flax_with_the_same_masks[learner]"])  # fmt: skip
 def _():
     from tokenlearner_torch.layers import Encoder1DBlock
 
@@ -140,7 +140,7 @@ def _():
 
 
 @mutant("encoder_dropout_moved", "Encoder1DBlock: the dropout after attention applied to its input instead",
-        ["tests/test_dropout_sites.py"])  # fmt: skip
+        ["tests/test_dropout_sites.py::test_dropout_sites_match_flax_with_the_same_masks[learner]"])  # fmt: skip
 def _():
     from tokenlearner_torch.layers import Encoder1DBlock
 
@@ -154,7 +154,7 @@ def _():
 
 
 @mutant("mlp_dropout_removed", "MlpBlock: the dropout after Dense_1 (Dropout_1) removed",
-        ["tests/test_dropout_sites.py"])  # fmt: skip
+        ["tests/test_dropout_sites.py::test_dropout_sites_match_flax_with_the_same_masks[learner]"])  # fmt: skip
 def _():
     from tokenlearner_torch.layers import MlpBlock
 
@@ -162,7 +162,7 @@ def _():
 
 
 @mutant("bf16_tokenlearner_in_bf16", "bf16 policy: TokenLearner (meant to stay float32) computes in bfloat16",
-        ["tests/test_bf16_policy.py"])  # fmt: skip
+        ["tests/test_bf16_policy.py::test_bf16_policy_per_module[learner]"])  # fmt: skip
 def _():
     import torch
 
