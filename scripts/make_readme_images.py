@@ -1,10 +1,10 @@
-"""Regenerate the README's pictures, each by its own command, and record what the command printed.
+"""Regenerate the documentation's golden pictures (docs/viz.md), each by its own command, and record its output.
 
     python scripts/make_readme_images.py            # all pictures -> docs/images/<name>.png and <name>.txt
     python scripts/make_readme_images.py parity_chart
 
-Each picture is drawn by the command line the README shows (run in-process, from the repository root, on one
-CPU thread so that float32 sums are taken in one order); ``docs/images/<name>.txt`` holds that command line,
+Each picture is drawn by the command line docs/viz.md shows beside it (run in-process, from the repository
+root, on one CPU thread so that float32 sums are taken in one order); ``docs/images/<name>.txt`` holds that command line,
 everything it printed (stdout and stderr, in order) and its exit status. tests/test_viz.py re-runs every
 command into a temporary folder and compares its output with the recorded one: a picture whose numbers no
 longer match the code fails there, and this script makes it match again.
@@ -27,7 +27,7 @@ IMAGES = "docs/images"
 
 @dataclass(frozen=True)
 class Picture:
-    """One README picture: ``program argv`` writes ``docs/images/<name>.png`` (the argument after ``flag``)."""
+    """One golden picture: ``program argv`` writes ``docs/images/<name>.png`` (the argument after ``flag``)."""
 
     name: str
     program: str  # the console script: tokenlearner-viz or tokenlearner-parity
@@ -43,7 +43,7 @@ class Picture:
 
     @property
     def command(self) -> str:
-        """The command line as the README shows it."""
+        """The command line as docs/viz.md shows it."""
         return shlex.join([self.program, *self.argv])
 
 
@@ -72,9 +72,9 @@ def _entry_point(program: str) -> Callable[[Sequence[str]], int]:
 
 
 def run(picture: Picture, png: Optional[Path] = None) -> str:
-    """Run ``picture``'s command (drawing into ``png``, default its README path) from the repository root on
+    """Run ``picture``'s command (drawing into ``png``, default its docs/images path) from the repository root on
     one CPU thread; return its record: the command line, what it printed, its exit status. Paths in the
-    output read as the README's command wrote them."""
+    output read as the documented command wrote them."""
     import os
 
     import torch

@@ -456,19 +456,34 @@ def test_parity_live_plot(tmp_path, capsys):
     _assert_png(out)
 
 
-def test_readme_pictures_are_committed_small_and_not_blank():
+def _doc_pictures():
+    """{file: (its text, [docs/images/X.png shown in it])} for README.md and docs/*.md (docs/ files write
+    ``images/X.png``, relative to themselves)."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    pictures = re.findall(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", readme)
-    assert len(pictures) >= 3, pictures
-    for rel in pictures:
-        path = root / rel
-        assert path.stat().st_size < 200_000, (rel, path.stat().st_size)
-        _assert_png(path)
-        assert f"-o {rel}" in readme or f"--plot {rel}" in readme, f"no command line in the README makes {rel}"
+    found = {}
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = path.read_text()
+        prefix = "docs/" if path.parent == root / "docs" else ""
+        shown = [prefix + rel for rel in re.findall(r"!\[[^\]]*\]\(((?:docs/)?images/[^)]+\.png)\)", text)]
+        found[path.relative_to(root).as_posix()] = (text, shown)
+    return root, found
+
+
+def test_readme_pictures_are_committed_small_and_not_blank():
+    """Every picture of README.md and docs/*.md is committed, small, a real PNG, and the SAME file shows the
+    command line that makes it (``-o docs/images/X.png`` or ``--plot docs/images/X.png``)."""
+    root, found = _doc_pictures()
+    assert len(found["README.md"][1]) >= 2, found["README.md"][1]
+    assert len({rel for _, shown in found.values() for rel in shown}) >= 5
+    for name, (text, shown) in found.items():
+        for rel in shown:
+            path = root / rel
+            assert path.stat().st_size < 200_000, (rel, path.stat().st_size)
+            _assert_png(path)
+            assert f"-o {rel}" in text or f"--plot {rel}" in text, f"no command line in {name} makes {rel}"
 
 
 def _readme_images_script():
@@ -515,14 +530,15 @@ def test_same_record_rule():
 
 
 def test_readme_pictures_match_their_commands_today(tmp_path):
-    """Every README picture's command, re-run now (into a temporary folder), prints what its recorded output
-    (docs/images/<name>.txt, written with the picture by scripts/make_readme_images.py) says: the numbers,
-    verdicts and first diverging module the picture shows are today's. The README shows those commands."""
+    """Every golden picture's command (docs/viz.md), re-run now (into a temporary folder), prints what its
+    recorded output (docs/images/<name>.txt, written with the picture by scripts/make_readme_images.py) says:
+    the numbers, verdicts and first diverging module the picture shows are today's. The file that shows the
+    picture shows its command."""
     script = _readme_images_script()
-    readme = (script.ROOT / "README.md").read_text()
+    _, found = _doc_pictures()
     for picture in script.PICTURES:
-        assert picture.command in readme, f"the README does not show {picture.command}"
-        assert f"]({picture.png})" in readme, f"the README does not show {picture.png}"
+        homes = [name for name, (text, shown) in found.items() if picture.png in shown and picture.command in text]
+        assert homes, f"no file of README.md, docs/*.md shows both {picture.png} and {picture.command}"
         recorded = picture.record.read_text()
         today = script.run(picture, tmp_path / f"{picture.name}.png")
         assert _same_record(today, recorded), (
