@@ -59,7 +59,7 @@ def test_xla_cpu_numerics_are_bitwise_jitted_flax(c, lead):
     of squares are ~C * 1e4, whose float32 ulp (>= 2^-10) moves the variance (~1) by >= 1e-3 / C and the
     output by >= 1e-4 for the C here; one ulp of the mean (7.6e-6 at 100) moves every output by 7.6e-6; on
     N(1, 0.01²) one ulp of the mean (1.2e-7) over a spread of 0.01 moves it by 1.2e-5. Any other summation
-    order, a missing or extra fma, the fused kernel (1e-3 to 4e1 away, README table) fail by orders of
+    order, a missing or extra fma, the fused kernel (1e-3 to 4e1 away, docs/numerics.md table) fail by orders of
     magnitude. (Flax's ``_compute_stats`` jitted on its own is fused differently by XLA, so it is not the
     reference: the LayerNorm is.)
     """
@@ -86,7 +86,7 @@ def test_xla_cpu_mode_computes_flax_formula(c):
     Hand-derived, order-independent: for N(100, 1) inputs E[x²] is about 1e4, where a float32 ulp is 2^-10
     ~ 1e-3, so the fast variance (about 1) carries an absolute error of that order whatever the summation
     order, and the normalised output a relative error of ~5e-4 on some of the 788 rows. The exact variance
-    of the fused kernel is good to ~1e-5 (README table). So the mode must be far from the float64 result,
+    of the fused kernel is good to ~1e-5 (docs/numerics.md table). So the mode must be far from the float64 result,
     like Flax and at most as far as Flax's own noise allows (2e-2), while the default stays near it.
     """
     rng = np.random.default_rng(100 + c)
@@ -126,7 +126,7 @@ def test_default_fused_numerics(c):
 
 
 def test_default_is_the_fused_kernel():
-    """The default numerics is torch's fused ``F.layer_norm`` (README, "LayerNorm: two numerics"): the port's
+    """The default numerics is torch's fused ``F.layer_norm`` (docs/numerics.md, "LayerNorm: two numerics"): the port's
     LayerNorm equals it bit for bit, and on shifted inputs it is ~5e-3 away from Flax (closer to float64)."""
     rng = np.random.default_rng(0)
     x = rng.normal(100.0, 1.0, (3, 37, 768)).astype(np.float32)

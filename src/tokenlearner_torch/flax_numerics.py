@@ -4,7 +4,7 @@ Flax computes ``var = E[x²] - E[x]²`` (``use_fast_variance``). On inputs whose
 spread (mean = 100 x spread, say) that subtraction cancels catastrophically, so Flax's result carries
 rounding noise of about 5e-3 on outputs of order 1, and the noise depends on the order in which XLA sums.
 No ordinary torch LayerNorm can match it: ``F.layer_norm`` is 5e-3 to 1e-2 away, the same formula with
-torch's summation order 1e-2 (measured for C from 8 to 1280; README, "LayerNorm").
+torch's summation order 1e-2 (measured for C from 8 to 1280; docs/numerics.md, "LayerNorm").
 
 Measured on jaxlib 0.10.2 / flax 0.12.8 / x86-64 AVX2 (no AVX-512), from the optimized HLO, the LLVM IR
 and the object code XLA emits, and checked bit for bit against jitted Flax. XLA takes one of two paths,

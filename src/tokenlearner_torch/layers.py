@@ -448,7 +448,7 @@ def flax_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tens
     Default numerics (``"fused"``): torch's fused kernel, one graph with no data-dependent branch. Under
     ``tokenlearner_torch.numerics("xla_cpu")``: Flax's ``E[x²] - E[x]²`` summed in XLA:CPU's order
     (:mod:`tokenlearner_torch.flax_numerics`), which reproduces Flax's rounding noise on inputs whose mean
-    is large against their spread (README, "Numerics", for the measured errors of both).
+    is large against their spread (docs/numerics.md, "Numerics", for the measured errors of both).
     """
     out_dtype = torch.promote_types(x.dtype, weight.dtype)
     if get_layer_norm_numerics() == "xla_cpu":

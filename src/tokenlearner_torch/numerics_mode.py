@@ -4,7 +4,7 @@
 bfloat16 inputs, as Flax computes them. One graph, no data-dependent branch, no host sync; it exports
 (``torch.export``, ONNX), traces and compiles. On well-conditioned inputs it is within ~1e-6 of Flax; on
 inputs whose mean is large against their spread it is *closer to the exact LayerNorm* than Flax (Flax's
-``E[x²] - E[x]²`` cancels; README, "Numerics").
+``E[x²] - E[x]²`` cancels; docs/numerics.md, "Numerics").
 
 ``"xla_cpu"`` (opt-in, for bit-level studies): Flax's formula summed in XLA:CPU's order
 (:mod:`tokenlearner_torch.flax_numerics`), which reproduces jitted Flax's statistics bit for bit on the
