@@ -20,7 +20,9 @@ Public API
 * ``build_flax_module(scenic_class, constructor_kwargs)``: this project's reference from a golden's
   ``config.json`` fields;
 * ``genuine_scenic_available()`` / ``build_reference_module(...)``: genuine Scenic when it is importable,
-  this reference otherwise;
+  this reference otherwise (``genuine_scenic_origin()``: the file it came from;
+  ``genuine_scenic_unavailable_reason()``: why an installed ``scenic`` was not used;
+  ``forget_genuine_scenic()``: drop the cached answer);
 * ``apply_reference(...)`` / ``reference_grads(...)``: run a module the way the goldens were produced
   (``jax.jit``, ``jax_default_matmul_precision='highest'``, float32, deterministic).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -63,7 +66,10 @@ __all__ = [
     "build_flax_module",
     "build_reference_module",
     "central_frame_initializer",
+    "forget_genuine_scenic",
     "genuine_scenic_available",
+    "genuine_scenic_origin",
+    "genuine_scenic_unavailable_reason",
     "reference_grads",
     "reference_outputs",
     "sample_frames_uniformly",
@@ -755,7 +761,8 @@ _REFERENCE_CLASSES: dict[str, type[nn.Module]] = {
     )
 }
 
-# Where each class lives in genuine Scenic.
+# Where each class lives in genuine Scenic (its real layout: token_learner/model.py defines the TokenLearner
+# modules and imports the others from these two modules). Any other class is looked up in model.py.
 _SCENIC_MODULES = {
     "MlpBlock": "scenic.model_lib.layers.attention_layers",
     "AddPositionEmbs": "scenic.projects.baselines.vit",
@@ -801,14 +808,47 @@ def build_flax_module(scenic_class: str, constructor_kwargs: Mapping[str, Any]) 
 
 
 @functools.lru_cache(maxsize=1)
-def genuine_scenic_available() -> bool:
-    """True when genuine Scenic's TokenLearner can be imported (the PyPI ``scenic`` is a different
-    project and does not count)."""
+def _probe_genuine_scenic() -> tuple[str | None, str]:
+    """``(file of scenic.projects.token_learner.model, "")`` when genuine Scenic imports, else
+    ``(None, why not)``. Cached: the import is slow, and its answer only changes with sys.path."""
     try:
         module = importlib.import_module(_SCENIC_TOKEN_LEARNER)
-    except Exception:  # ImportError, or an unrelated `scenic` failing on import
-        return False
-    return hasattr(module, "TokenLearnerViT") and hasattr(module, "TokenLearnerModuleV11")
+    except Exception as exc:  # ImportError, or an unrelated `scenic` failing on import
+        return None, f"{type(exc).__name__}: {exc}"
+    missing = [n for n in ("TokenLearnerViT", "TokenLearnerModuleV11") if not hasattr(module, n)]
+    if missing:  # the PyPI `scenic` (a different project) or a partial tree
+        return None, f"{_SCENIC_TOKEN_LEARNER} has no {', '.join(missing)}"
+    return str(getattr(module, "__file__", None) or _SCENIC_TOKEN_LEARNER), ""
+
+
+def genuine_scenic_available() -> bool:
+    """True when genuine Scenic's TokenLearner can be imported (the PyPI ``scenic`` is a different
+    project and does not count). The answer is cached; :func:`forget_genuine_scenic` drops it."""
+    return _probe_genuine_scenic()[0] is not None
+
+
+def genuine_scenic_origin() -> str | None:
+    """The file genuine Scenic's ``token_learner/model.py`` was imported from, or None when unavailable."""
+    return _probe_genuine_scenic()[0]
+
+
+def genuine_scenic_unavailable_reason() -> str:
+    """Why genuine Scenic is not used: '' when it is available or when no ``scenic`` package is installed
+    at all; else the import error (e.g. a Scenic checkout without tensorflow, or the PyPI ``scenic``)."""
+    if genuine_scenic_available():
+        return ""
+    try:
+        installed = importlib.util.find_spec("scenic") is not None
+    except (ImportError, ValueError, AttributeError):  # e.g. sys.modules['scenic'] is None: import blocked
+        installed = False
+    if not installed:
+        return ""
+    return _probe_genuine_scenic()[1]
+
+
+def forget_genuine_scenic() -> None:
+    """Drop the cached answer of :func:`genuine_scenic_available` (after sys.path or sys.modules changed)."""
+    _probe_genuine_scenic.cache_clear()
 
 
 def _to_config_dict(value: Any) -> Any:
@@ -829,6 +869,8 @@ def build_reference_module(
     if not (prefer_genuine and genuine_scenic_available()):
         return build_flax_module(scenic_class, constructor_kwargs)
     name = _short_name(scenic_class)
+    if name not in _REFERENCE_CLASSES:  # the same one-line error as the project's reference
+        raise ValueError(f"unknown Scenic class {scenic_class!r}; known: {sorted(_REFERENCE_CLASSES)}")
     module = importlib.import_module(_SCENIC_MODULES.get(name, _SCENIC_TOKEN_LEARNER))
     kwargs = dict(constructor_kwargs)
     if "dtype" in kwargs:

@@ -19,11 +19,16 @@ __all__ = ["reference_module", "random_params", "run_reference", "reference_name
 
 
 def reference_name(prefer_genuine: bool = True) -> str:
+    """The Flax reference :func:`reference_module` builds, as reports name it: genuine Scenic with the file
+    it was imported from, or the project's reference (with the import error when a ``scenic`` package is
+    installed but Scenic's TokenLearner did not import, so a silent fallback cannot pass for Scenic)."""
     from . import flax_reference as fr
 
     if prefer_genuine and fr.genuine_scenic_available():
-        return "genuine Scenic (scenic.projects.token_learner.model)"
-    return "project Flax reference (tokenlearner_torch.parity.flax_reference)"
+        return f"genuine Scenic (scenic.projects.token_learner.model from {fr.genuine_scenic_origin()})"
+    name = "project Flax reference (tokenlearner_torch.parity.flax_reference)"
+    why = fr.genuine_scenic_unavailable_reason() if prefer_genuine else ""
+    return f"{name}; genuine Scenic not importable: {why}" if why else name
 
 
 def _has_dtype_field(module_cls: type) -> bool:
