@@ -29,6 +29,15 @@ python -m pip install -q -e ".[test]"
 
 case "$job" in
   demo) python scripts/demo.py "$@" ;;
-  test) python -m pytest -q "$@" ;;
+  test)
+    # Two pytest workers per two cores (at most 4), one intra-op thread each: most of the suite is
+    # single-threaded (jax compiles, Python, subprocesses), and torch's OpenMP threads slow down sharply
+    # when they outnumber the cores. Set TEST_WORKERS=0 to run in one process.
+    workers="${TEST_WORKERS:-$(python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')}"
+    if [ "$workers" -gt 1 ]; then
+      OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" python -m pytest -q -n "$workers" --dist worksteal "$@"
+    else
+      python -m pytest -q "$@"
+    fi ;;
   bench) python benchmarks/bench_speed.py "$@" ;;
 esac
