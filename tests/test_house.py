@@ -9,8 +9,9 @@ never run and are not edges. A call ``importlib.import_module("tokenlearner_torc
 "tokenlearner_torch")``, or ``__import__``) with a constant name is an edge too: resolving a module by name
 at call time hides no dependency from this test.
 
-One edge is allowed upward, by name, with its reason (:data:`ALLOWED_UPWARD`): the test fails if it
-disappears (then the allow-list must shrink) or if any other edge closes a circle.
+No edge is exempt: ``HubMixin`` (the modules' base class, in conventions.py) runs the folder and Hub code of
+``folder.py``, which sits below it and takes the class from the registry that ``HubMixin.__init_subclass__``
+fills, so nothing on the ground floor reaches a model, ``scenic.py``, ``hub.py`` or ``weights_convert``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# (importer, imported) -> why this one upward edge is accepted. Without it the graph has a circle, which
-# test_the_allowed_edge_is_the_only_circle_and_is_real shows; every other circle fails the test.
-ALLOWED_UPWARD: dict[tuple[str, str], str] = {
-    ("tokenlearner_torch.conventions", "tokenlearner_torch.hub"): (
-        "HubMixin (a base class of every module, so on the ground floor) gives save_pretrained / push_to_hub / "
-        "from_pretrained; what they run (hub.py) reads and writes the converter's folder, which resolves any "
-        "Scenic class name through the registry (weights_convert.pretrained -> scenic -> models). The mixin "
-        "reaches hub.py at call time, when every module is loaded; no import of conventions runs it."
-    ),
-}
 PACKAGE_DIRS = {
     "tokenlearner_torch": ROOT / "src" / "tokenlearner_torch",
     "tokenlearner_torch.weights_convert": ROOT / "weights_convert",
@@ -169,35 +160,24 @@ def _describe(cycle: list[str], graph: dict[str, dict[str, str]]) -> str:
     ) + f" -> {short(cycle[-1])}"
 
 
-def _without_allowed(graph: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
-    """``graph`` less the :data:`ALLOWED_UPWARD` edges (each must be there: a stale allowance fails)."""
-    out = {m: dict(edges) for m, edges in graph.items()}
-    for a, b in ALLOWED_UPWARD:
-        assert b in out[a], f"{a} -> {b} is allowed but no longer there: remove it from ALLOWED_UPWARD"
-        del out[a][b]
-    return out
-
-
 @pytest.mark.parametrize("function_level", [False, True], ids=["module-level", "with-function-level"])
 def test_the_package_has_no_import_circle(function_level):
     graph = import_graph(function_level)
     assert len(graph) > 40 and "tokenlearner_torch.conventions" in graph  # the walk found the package
-    if function_level:  # the allowed edge is a call-time one
-        graph = _without_allowed(graph)
     cycle = find_cycle(graph)
     assert cycle is None, f"import circle: {_describe(cycle, graph)}"
 
 
-def test_the_allowed_edge_is_the_only_circle_and_is_real():
-    """The one allowance is needed (with it the graph has a circle, through conventions -> hub) and is an
-    import-by-name the scan sees; the package has no other import-by-name of its own modules."""
+def test_no_import_by_name_of_the_package_and_the_old_upward_edge_closes_a_circle():
+    """The package resolves none of its own modules by name (every edge is a plain import, seen above); and the
+    edge this file once allowed (conventions -> hub, HubMixin reaching the folder code above the models) would
+    still close a circle, so the floor plan, not an exemption, is what keeps the graph clean."""
     graph = import_graph(True)
-    assert graph["tokenlearner_torch.conventions"]["tokenlearner_torch.hub"].endswith("(importlib, in a function)")
-    cycle = find_cycle(graph)
-    assert cycle is not None and "conventions (line" in _describe(cycle, graph)
-    assert "-> hub" in _describe(cycle, graph)
     by_name = {(a, b) for a, edges in graph.items() for b, where in edges.items() if "importlib" in where}
-    assert by_name == set(ALLOWED_UPWARD)
+    assert by_name == set()
+    graph["tokenlearner_torch.conventions"]["tokenlearner_torch.hub"] = "the old call-time edge"
+    cycle = find_cycle(graph)
+    assert cycle is not None and "conventions (the old call-time edge) -> hub" in _describe(cycle, graph)
 
 
 def test_import_by_name_calls_are_edges():
@@ -238,28 +218,73 @@ def test_edges_are_read_at_both_levels():
     assert "module level" in models["tokenlearner_torch.layers"]
     pretrained = graph["tokenlearner_torch.weights_convert.pretrained"]
     assert "in a function" in pretrained["tokenlearner_torch.scenic"]
-    hub = graph["tokenlearner_torch.hub"]
-    assert "tokenlearner_torch.weights_convert" in hub  # `from .weights_convert.pretrained import ...` runs its __init__
+    assert "module level" in graph["tokenlearner_torch.hub"]["tokenlearner_torch.scenic"]
+    # `from .weights_convert.pretrained import ...` in a top-level module runs weights_convert's __init__ too
+    node = ast.parse("from .weights_convert.pretrained import load_pretrained\n").body[0]
+    hub_path = PACKAGE_DIRS["tokenlearner_torch"] / "hub.py"
+    assert _targets("tokenlearner_torch.hub", hub_path, node, _modules()) == {
+        "tokenlearner_torch.weights_convert", "tokenlearner_torch.weights_convert.pretrained"}  # fmt: skip
     assert "tokenlearner_torch.scenic" not in graph["tokenlearner_torch"]  # TYPE_CHECKING only
     assert "tokenlearner_torch.scenic" not in import_graph(False)["tokenlearner_torch.weights_convert.pretrained"]
 
 
+GROUND_FLOOR = ("tokenlearner_torch.errors", "tokenlearner_torch.config_check", "tokenlearner_torch.folder",
+                "tokenlearner_torch.conventions")  # fmt: skip
+
+
+def _reachable(graph: dict[str, dict[str, str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
 def test_the_convention_floor_imports_no_model():
-    """conventions.py (HubMixin, the Scenic names) imports nothing of the package but errors (besides the one
-    allowed call-time edge to hub), and importing it loads no model module (nor torch: the converter imports it
-    while torch loads in a thread)."""
-    graph = _without_allowed(import_graph(True))
-    assert set(graph["tokenlearner_torch.conventions"]) == {"tokenlearner_torch.errors"}
-    assert set(graph["tokenlearner_torch.config_check"]) == {"tokenlearner_torch.conventions", "tokenlearner_torch.errors"}
+    """The ground floor, bottom to top (errors < config_check < folder < conventions): each file imports only the
+    ones below it, function-level imports included, so HubMixin's save / load / push reach no model, no class
+    registry module and no weights_convert; and importing conventions loads none of them (nor torch: the
+    converter imports it while torch loads in a thread)."""
+    graph = import_graph(True)
+    for i, module in enumerate(GROUND_FLOOR):
+        assert set(graph[module]) <= set(GROUND_FLOOR[:i]), (module, graph[module])
+    assert set(graph["tokenlearner_torch.conventions"]) == {
+        "tokenlearner_torch.errors", "tokenlearner_torch.config_check", "tokenlearner_torch.folder"}  # fmt: skip
+    assert _reachable(graph, "tokenlearner_torch.conventions") == set(GROUND_FLOOR[:-1])
     code = (
         "import sys, tokenlearner_torch.conventions as c\n"
         "print(sorted(m for m in sys.modules if m.startswith('tokenlearner_torch.') or m == 'torch'))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
-    # the package's own __init__ loads _lazy (its lazy-export helper) and errors, nothing else
-    expected = ["tokenlearner_torch._lazy", "tokenlearner_torch.conventions", "tokenlearner_torch.errors"]
+    # the package's own __init__ loads _lazy (its lazy-export helper) and errors; then the floor, nothing else
+    expected = sorted(["tokenlearner_torch._lazy", *GROUND_FLOOR])
     assert res.stdout.strip() == str(expected), res.stdout
+
+
+def test_the_registry_fills_as_classes_are_defined():
+    """HubMixin.__init_subclass__ registers a port module's classes when that module runs, in a fresh
+    interpreter: after token_learner (which imports layers) the ViTs are known names but not yet classes
+    (port_class gives None), a name no port class has is a ConfigError, and after scenic all ten resolve."""
+    code = (
+        "from tokenlearner_torch import conventions as c\n"
+        "assert c.port_classes() == {}\n"
+        "import tokenlearner_torch.token_learner\n"
+        "got = sorted(n.rsplit('.', 1)[1] for n in c.port_classes())\n"
+        "assert got == ['AddPositionEmbs', 'Encoder1DBlock', 'MlpBlock', 'TokenFuser', 'TokenLearnerModule',"
+        " 'TokenLearnerModuleV11'], got\n"
+        "assert c.port_class('TokenLearnerViT') is None\n"
+        "assert c.port_class('TokenFuser').__module__ == 'tokenlearner_torch.token_learner'\n"
+        "import tokenlearner_torch.scenic as s\n"
+        "assert c.port_class(c.SCENIC_NAMES['TokenLearnerViT']) is s.SCENIC_CLASSES[c.SCENIC_NAMES['TokenLearnerViT']]\n"
+        "assert len(c.port_classes()) == len(c.SCENIC_NAMES) == 10\n"
+        "try:\n    c.port_class('TokenLearnerVit')\nexcept c.ConfigError as e:\n    print(e)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("unknown Scenic class 'TokenLearnerVit'; expected one of AddPositionEmbs, "), res.stdout
 
 
 def test_help_of_the_package_is_short_and_says_where_to_start():

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import tokenlearner_torch as tl
-from tokenlearner_torch import hub
+from tokenlearner_torch import folder, hub
 from tokenlearner_torch.errors import ConfigError
 from tokenlearner_torch.weights_convert import convert
 
@@ -200,7 +202,7 @@ def test_push_to_hub_and_download_through_the_mixin(monkeypatch, tmp_path):
 
 def test_without_huggingface_hub_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if not installed
-    monkeypatch.setattr(hub, "_ADAPTER", None)
+    monkeypatch.setattr(folder, "_ADAPTER", None)
     model = _vit()
     for call in (
         lambda: model.save_pretrained(tmp_path / "x"),
@@ -222,3 +224,43 @@ def test_without_huggingface_hub_one_line_error(monkeypatch, tmp_path):
         out = loaded(torch.from_numpy(g.inputs[0]))
     ref = torch.from_numpy(g.outputs["out"])  # genuine Scenic's output
     assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_the_mixin_loads_without_the_class_registry_module(converted, tmp_path):
+    """HubMixin (on the ground floor) resolves a folder's class from the registry its subclasses fill, so in a
+    fresh interpreter that imported only token_learner.py, TokenFuser.from_pretrained loads a converted
+    genuine-Scenic TokenFuser and computes Scenic's stored output, without importing scenic.py, models.py,
+    hub.py or weights_convert. A folder of a class not imported yet (the ViT) is another class: the same
+    'holds a' error as ever from TokenFuser, and from HubMixin itself an error saying what to import."""
+    g = Golden("fuser_4d_original")
+    assert convert(g.dir / "params.msgpack", tmp_path / "fuser", config=g.dir / "config.json").ok
+    np_inputs = tmp_path / "inputs.npz"
+    shutil.copy(g.dir / "inputs.npz", np_inputs)
+    code = f"""
+import sys, numpy as np, torch
+from tokenlearner_torch.conventions import HubMixin
+from tokenlearner_torch.errors import CheckpointError, ConfigError
+from tokenlearner_torch.token_learner import TokenFuser
+model = TokenFuser.from_pretrained({str(tmp_path / "fuser")!r})
+data = np.load({str(np_inputs)!r})
+with torch.no_grad():
+    out = model(*[torch.from_numpy(data[n]) for n in {g.input_names!r}])
+np.save({str(tmp_path / "out.npy")!r}, out.numpy())
+for call in (lambda: TokenFuser.from_pretrained({str(converted)!r}), lambda: HubMixin.from_pretrained({str(converted)!r})):
+    try:
+        call()
+    except (CheckpointError, ConfigError) as exc:
+        print(type(exc).__name__, exc)
+print(sorted(m for m in ("tokenlearner_torch.scenic", "tokenlearner_torch.models", "tokenlearner_torch.hub",
+                         "tokenlearner_torch.weights_convert") if m in sys.modules))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0] == (f"ConfigError {converted}: holds a TokenLearnerViT, not a TokenFuser (load it with "
+                        "TokenLearnerViT.from_pretrained or tokenlearner_torch.from_pretrained)")  # fmt: skip
+    assert lines[1].startswith(f"CheckpointError {converted / 'config.json'}: TokenLearnerViT's module is not "
+                               "imported yet; import tokenlearner_torch.scenic")  # fmt: skip
+    assert lines[2] == "[]"
+    expected = g.outputs["out"]
+    assert float(np.abs(np.load(tmp_path / "out.npy") - expected).max()) < 1e-5

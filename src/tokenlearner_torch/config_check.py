@@ -40,7 +40,6 @@ import inspect
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from .conventions import scenic_fields
 from .errors import ConfigError
 
 __all__ = [
@@ -216,7 +215,14 @@ def constructor_fields(cls: type) -> dict[str, inspect.Parameter]:
     parameters (keyword-only ones are the port's extras, e.g. ``input_shape``)."""
     if not isinstance(cls, type):  # a Scenic name: the caller resolves it (this module knows no class)
         raise TypeError(f"constructor_fields takes a class, got {type(cls).__name__} {cls!r}")
-    return scenic_fields(cls)
+    # Defined here, not in conventions.py (which re-exports it as scenic_fields): conventions' HubMixin builds
+    # modules through this checker, so this file must not import it (tests/test_house.py: no import circle).
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: p
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY)
+    }
 
 
 def check_constructor_kwargs(cls: type, kwargs: Any) -> None:

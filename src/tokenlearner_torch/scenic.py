@@ -2,41 +2,29 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-from .config_check import check_constructor_kwargs
-from .conventions import SCENIC_NAMES, scenic_fields
-from .errors import ConfigError
-from .layers import AddPositionEmbs, Encoder1DBlock, MlpBlock
-from .models import EncoderMod, EncoderModFuser, TokenLearnerViT, TokenLearnerViTRepresentation
+from . import layers, models, token_learner  # noqa: F401  (defining the classes fills conventions' registry)
+from .conventions import SCENIC_NAMES, port_class, port_classes, scenic_fields
+from .folder import build_module
 from .shapes import build_parameters
-from .token_learner import TokenFuser, TokenLearnerModule, TokenLearnerModuleV11
 
 __all__ = ["from_scenic", "SCENIC_CLASSES"]
 
-# Scenic's module path -> the port (the names: conventions.SCENIC_NAMES). Short names are the last component.
-SCENIC_CLASSES: dict[str, type[nn.Module]] = {
-    SCENIC_NAMES[cls.__name__]: cls
-    for cls in (
-        TokenLearnerModule, TokenLearnerModuleV11, TokenFuser, EncoderMod, EncoderModFuser, TokenLearnerViT,
-        TokenLearnerViTRepresentation, Encoder1DBlock, AddPositionEmbs, MlpBlock,
-    )
-}  # fmt: skip
-_SHORT = {name.rsplit(".", 1)[1]: cls for name, cls in SCENIC_CLASSES.items()}
+# Scenic's module path -> the port: conventions' registry, complete once the three modules above are imported
+# (the names: conventions.SCENIC_NAMES). Short names are the last component.
+SCENIC_CLASSES: dict[str, type[nn.Module]] = port_classes()
+assert set(SCENIC_CLASSES) == set(SCENIC_NAMES.values()), "a port class is missing from the registry"
 # Scenic fields that hold initialisers or functions: not expressible in a config.json, not accepted.
 _SCENIC_ONLY = {"AddPositionEmbs": {"posemb_init"}}
 
 
 def _resolve(scenic_class: str) -> type[nn.Module]:
-    if scenic_class in SCENIC_CLASSES:
-        return SCENIC_CLASSES[scenic_class]
-    if scenic_class in _SHORT:
-        return _SHORT[scenic_class]
-    known = ", ".join(sorted(_SHORT))
-    raise ConfigError(f"unknown Scenic class {scenic_class!r}; expected one of {known} (short or dotted name)")
+    cls = port_class(scenic_class)  # ConfigError naming the known classes for an unknown name
+    assert cls is not None  # every port module is imported above
+    return cls
 
 
 # The constructor parameters that are Scenic fields (keyword-only ones are the port's own extras).
@@ -63,17 +51,8 @@ def from_scenic(
     exists on return, drawn from Scenic's initialisers (:mod:`tokenlearner_torch.shapes`); without it,
     parameters whose size comes from the input are created by the first call or by ``load_state_dict``.
     """
-    cls = _resolve(scenic_class)
-    if not isinstance(constructor_kwargs, Mapping):
-        raise ConfigError(f"constructor_kwargs must be a dict, got {type(constructor_kwargs).__name__}")
-    params = _scenic_parameters(cls)
-    # Unknown fields (and unknown tokenizer fields) name the closest known one: the one checker.
-    check_constructor_kwargs(cls, constructor_kwargs)
-    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty]
-    absent = [n for n in required if n not in constructor_kwargs]
-    if absent:
-        raise ConfigError(f"{cls.__name__}: missing required argument(s) {', '.join(absent)}")
-    model = cls(**dict(constructor_kwargs))
+    # The checks (a mapping, unknown fields naming the closest known one, required fields): the one builder.
+    model = build_module(_resolve(scenic_class), constructor_kwargs)
     if input_shapes is not None:
         build_parameters(model, input_shapes)
     return model.eval()
