@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -425,8 +426,12 @@ class _Stream:
             return
         from torch.utils.data import DataLoader
 
+        # JAX's runtime threads make a fork unsafe (a lock held by one of them at fork time stays held in the
+        # child): where jax is loaded (a parity run, a test session), workers start from a fork server.
+        context = "forkserver" if "jax" in sys.modules and sys.platform != "win32" else None
         loader = DataLoader(self.batches, batch_size=None, sampler=keys, num_workers=self.num_workers,
-                            collate_fn=_identity, prefetch_factor=2, persistent_workers=False)
+                            collate_fn=_identity, prefetch_factor=2, persistent_workers=False,
+                            multiprocessing_context=context)
         self._it = iter(loader)
 
     def __iter__(self) -> "_Stream":
