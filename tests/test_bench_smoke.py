@@ -30,6 +30,7 @@ def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quick_run_all_rows():
     """Also: a run without --write (nor --out) leaves the committed table alone and says where its table went
     (`bash run.sh bench --quick` overwrote benchmarks/results/cpu.md)."""
@@ -162,6 +163,7 @@ def test_cudagraph_recipe_runs_where_there_is_no_gpu():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak-RSS reset is Linux-only")
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["port", "flax"])
 def test_train_memory_child(impl):
     """The training-memory measurement of one side runs in-process and reports the RSS it read (a tiny model's
@@ -243,6 +245,7 @@ def test_bench_overhead_prints_both_precisions():
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "CUDA" in res.stderr
 
 
+@pytest.mark.slow
 def test_bench_train_loop_quick(tmp_path):
     """benchmarks/bench_train_loop.py --quick (issue 17.6): the loop-overhead rounds, the host-read check (the
     benchmark exits 1 if train() reads the host on a step without a summary more than the bare step does), both

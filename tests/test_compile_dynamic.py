@@ -119,6 +119,7 @@ def test_every_model_traces_once_with_dynamic_shapes(name, cls, kwargs, shapes):
     _no_breaks_no_recompiles(cnt, after_first)
 
 
+@pytest.mark.slow
 def test_inductor_dynamic_training_and_inference():
     """The default backend with dynamic=True: a channel-last image reaches the patch embedding as a permuted
     view of the graph input, whose symbolic strides inductor could not order (compiled graphs now copy it).

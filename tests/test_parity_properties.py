@@ -232,6 +232,7 @@ def _check(config, other_mode, seed):
             raise AssertionError(f"replay: {replay_command(config, mode, seed)}\n{report.to_text()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", list(STRATEGIES))
 def test_live_parity_random_configs(cls):
     def run(config, other_mode, seed):
