@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+from ..weights_convert.readers import _fsync_dir  # the converter's: one way to make a rename durable
 from .optim import AddDecayedWeights, ClipByGlobalNorm, Masked, OptaxChain, ParamSpec, ScaleByAdam, ScaleByLearningRate, SetToZero, Trace, _Identity
 
 __all__ = [
@@ -151,19 +152,6 @@ def read_train_state(path: str | os.PathLike) -> dict[str, Any]:
         keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
         raise CheckpointError(f"{p}: not a Scenic TrainState (top level: {keys}; expected params, opt_state, global_step, ...)")
     return tree
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every platform can fsync a directory
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(workdir: str | os.PathLike, state: TrainState | Mapping[str, Any], step: int, *,
