@@ -20,7 +20,7 @@ from ..errors import ConfigError, ShapeError
 from .config import cfg_get, load_config
 from .losses import ScenicClassificationLoss
 from .mixup import mixup, sample_mixup_weight
-from .optim import OptaxChain, ParamSpec, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
+from .optim import OptaxChain, ParamSpec, clip_grads, get_optax_optimizer_config, global_norm, named_specs, scenic_optimizer
 from .schedules import get_learning_rate_fn
 from .surgery import init_token_learner_from_train_state
 
@@ -227,18 +227,14 @@ class ScenicTrainer:
             grads = [s.param.grad if s.param.grad is not None else torch.zeros_like(s.param) for s in self.specs]
             if self.grad_hook is not None:
                 self.grad_hook(grads)
-            norm = global_norm(grads)
-            logged = norm
             max_norm = self.config.get("max_grad_norm")
             if max_norm is not None:
-                # jax.example_libraries' clip_grads without a host sync: g * 1 is g bit for bit, so the
-                # unclipped branch equals clip_grads' `return grads`.
-                scale = torch.where(norm < float(max_norm), torch.ones_like(norm), _f32(float(max_norm), norm) / norm)
-                clipped = [g * scale for g in grads]
+                clipped, norm = clip_grads(grads, float(max_norm))
                 for s, g in zip(self.specs, clipped):
                     s.param.grad = g
                 logged = global_norm(clipped)
             else:
+                norm = logged = global_norm(grads)
                 for s, g in zip(self.specs, grads):  # the hook may have replaced them (averaged copies)
                     s.param.grad = g
         lr = float(np.float32(self.lr_fn(self.global_step)))
@@ -338,8 +334,3 @@ class ScenicTrainer:
             self.mixup_generator.set_state(torch.from_numpy(np.array(state["mixup"], dtype=np.uint8)))
         if "torch_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(torch.from_numpy(np.array(state["torch_cuda"], dtype=np.uint8)), self.device)
-
-
-def _f32(x: float, like: Tensor) -> Tensor:
-    """A Python number as a 0-d tensor of ``like``'s dtype and device (JAX's weakly typed scalar)."""
-    return torch.tensor(x, dtype=like.dtype, device=like.device)
