@@ -60,21 +60,10 @@ class LoopCase:
 
     def train_batch(self, k: int, rank: int = 0, world: int = 1) -> dict[str, np.ndarray]:
         """The batch of step ``k + 1`` (this process's rows of the global batch)."""
-        out = {}
-        for key in ("inputs", "label", "batch_mask"):
-            a = self.batches[f"{key}_{k}"]
-            per = a.shape[0] // world
-            out[key] = a[rank * per : (rank + 1) * per]
-        return out
+        return _shard(self.batches, k, rank, world)
 
     def eval_batch(self, j: int, rank: int = 0, world: int = 1) -> dict[str, np.ndarray]:
-        n = self.meta["eval_batches"]
-        out = {}
-        for key in ("inputs", "label", "batch_mask"):
-            a = self.eval_batches[f"{key}_{j % n}"]
-            per = a.shape[0] // world
-            out[key] = a[rank * per : (rank + 1) * per]
-        return out
+        return _shard(self.eval_batches, j % self.meta["eval_batches"], rank, world)
 
     def dataset(self, rank: int = 0, world: int = 1) -> "GoldenDataset":
         return GoldenDataset(self, rank, world)
@@ -161,3 +150,13 @@ def params_errors(port: dict, ref: dict) -> dict[str, float]:
     fp, fr = flat(port), flat(ref)
     assert set(fp) == set(fr), (sorted(set(fp) ^ set(fr)))[:5]
     return {k: scaled_error(fp[k], fr[k]) for k in fr}
+
+
+def _shard(arrays: dict[str, np.ndarray], index: int, rank: int, world: int) -> dict[str, np.ndarray]:
+    """Rows ``[rank*B/world, (rank+1)*B/world)`` of global batch ``index`` (Scenic's shard over devices)."""
+    out = {}
+    for key in ("inputs", "label", "batch_mask"):
+        a = arrays[f"{key}_{index}"]
+        per = a.shape[0] // world
+        out[key] = a[rank * per : (rank + 1) * per]
+    return out
