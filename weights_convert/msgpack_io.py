@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 from typing import Any, BinaryIO, Callable, Iterator
 
-import ml_dtypes
 import msgpack
 import numpy as np
 
@@ -55,19 +55,46 @@ _ML_DTYPE_NAMES = (
 )  # fmt: skip
 
 
-def _build_dtype_table() -> dict[str, np.dtype]:
-    """Map every accepted dtype name to its numpy dtype (only what this ml_dtypes version has)."""
-    table = {name: np.dtype(name) for name in _NUMPY_DTYPE_NAMES}
-    for name in _ML_DTYPE_NAMES:
-        scalar_type = getattr(ml_dtypes, name, None)
-        if scalar_type is not None:
-            table[name] = np.dtype(scalar_type)
-    return table
+class _DtypeTable(Mapping):
+    """Every accepted dtype name -> its numpy dtype (only what this ml_dtypes version has).
+
+    numpy's names are there at once; ml_dtypes' (bfloat16, float8, ...) join at the first lookup of
+    another name: importing ml_dtypes costs about a second of CPU (it registers its types with numpy),
+    which every command-line run would pay for float32 files that never need it."""
+
+    def __init__(self) -> None:
+        self._table = {name: np.dtype(name) for name in _NUMPY_DTYPE_NAMES}
+        self._complete = False
+
+    def _all(self) -> dict[str, np.dtype]:
+        if not self._complete:
+            import ml_dtypes
+
+            for name in _ML_DTYPE_NAMES:
+                scalar_type = getattr(ml_dtypes, name, None)
+                if scalar_type is not None:
+                    self._table[name] = np.dtype(scalar_type)
+            self._complete = True
+        return self._table
+
+    def __getitem__(self, name: str) -> np.dtype:
+        if name in self._table:
+            return self._table[name]
+        return self._all()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table or name in self._all()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
 
 
 #: The dtype names accepted on read and write. An explicit allow-list, because ``np.dtype(name)``
 #: on an attacker-chosen string can build object, structured or sub-array dtypes.
-DTYPES: dict[str, np.dtype] = _build_dtype_table()
+DTYPES: Mapping[str, np.dtype] = _DtypeTable()
 
 
 class DecodeError(Exception):
