@@ -226,7 +226,11 @@ def replay_command(config, mode, seed) -> str:
 
 def _check(config, other_mode, seed):
     for mode in ("f64", other_mode):
-        report = api.live(config, mode=mode, seed=seed)
+        # f64 compiles the reference with LLVM -O0 (the same HLO; half the compile time): it only changes
+        # whether LLVM contracts multiply-adds, ~1e-16 in float64, far below the 1e-10 it is held to. The
+        # other mode keeps the compile Flax users run, whose fused multiply-adds its rule is about.
+        # The replay command compiles as users do: in float64 its verdict is the same.
+        report = api.live(config, mode=mode, seed=seed, fast_compile=mode == "f64")
         ok = report.passed and (mode != "f64" or report.max_error(structural=True) <= 1e-10)
         if not ok:
             raise AssertionError(f"replay: {replay_command(config, mode, seed)}\n{report.to_text()}")
@@ -258,7 +262,7 @@ def test_a_failing_example_prints_its_replay_command(monkeypatch):
     from tokenlearner_torch.parity import cli
 
     config, _, seed = EXPLICIT["TokenLearnerModule"][0]
-    monkeypatch.setattr(api, "live", lambda cfg, mode, seed: _failing(mode))
+    monkeypatch.setattr(api, "live", lambda cfg, mode, seed, **_: _failing(mode))
     with pytest.raises(AssertionError) as info:
         _check(config, "bf16", seed)
     first = str(info.value).splitlines()[0]
