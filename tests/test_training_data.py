@@ -112,6 +112,30 @@ def test_onehot_labels_and_meta_data():
                            "num_eval_examples": 297, "input_dtype": "float32", "target_is_onehot": True}
 
 
+def test_digits_are_read_without_importing_sklearn(monkeypatch):
+    """The digits come from scikit-learn's CSV without its (slow) import, equal to load_digits() element for
+    element; where the CSV is not found, load_digits() itself."""
+    import sys
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    from tokenlearner_torch.training import data
+
+    ref = load_digits()
+    with monkeypatch.context() as m:
+        for name in [k for k in sys.modules if k.startswith("sklearn.")] + ["sklearn.datasets"]:
+            m.setitem(sys.modules, name, None)  # load_digits (any scikit-learn submodule) would now raise
+        images, target = data._load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)
+    assert images.dtype == ref.images.dtype and images.shape == (1797, 8, 8)
+    monkeypatch.setattr(Path, "is_file", lambda self: False)
+    images, target = data._load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(target, ref.target)
+
+
 def test_digits_are_sklearns_upsampled():
     from sklearn.datasets import load_digits
 
