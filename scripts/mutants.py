@@ -20,16 +20,18 @@ does nothing). A mutant only changes this process's view of ``tokenlearner_torch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 ENV = "TOKENLEARNER_MUTANT"
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,9 +373,10 @@ def pytest_report_header(config) -> Optional[str]:
 # The runner.
 #
 # Each pytest run is a child process. Where the OS can fork, the children are forked from this process
-# after it has imported torch, pytest and the package once (about 3 s of CPU saved per run; nothing of
-# torch has run yet, so no thread pool is copied); elsewhere they are fresh interpreters started with
-# ``python -m pytest -p mutants``. Either way a mutant lives only in its child.
+# after it has imported torch, torch._dynamo, jax, flax, pytest, its plugins and the package once (about 3 s
+# of CPU saved per run; nothing of torch or jax has run yet, so no thread pool or backend is copied);
+# elsewhere they are fresh interpreters started with ``python -m pytest -p mutants``. Either way a mutant
+# lives only in its child. All runs share one JAX persistent compilation cache (``_jax_cache``).
 
 
 @dataclass
@@ -385,11 +388,21 @@ class Outcome:
 
 
 _PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "-o", "addopts="]
+_JAX_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_JAX_CACHE_LIMITS = ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def _preload() -> None:
-    """Import what every run imports, once, in the parent (fork mode only)."""
+    """Import what the runs import, once, in the parent (fork mode only): torch, pytest and the package,
+    plus the third-party modules the killing tests and torch's optimisers import on first use (torch._dynamo,
+    jax, flax) and pytest's installed plugins. Importing starts no thread and no jax backend (a
+    backend initialises at the first computation, in the child). Nothing of the package beyond what it
+    imports itself is loaded here, so a mutant still patches the modules the tests see. Then ``gc.freeze()``:
+    the children's collections (pytest runs several at exit) skip the preloaded heap instead of walking it."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import importlib
+    from importlib.metadata import entry_points
+
     import numpy  # noqa: F401
     import pytest  # noqa: F401
     import torch  # noqa: F401
@@ -398,10 +411,23 @@ def _preload() -> None:
     import tokenlearner_torch.training  # noqa: F401
     import tokenlearner_torch.weights_convert  # noqa: F401
 
-    try:  # its pytest plugin loads it in every run
-        import hypothesis  # noqa: F401
-    except ImportError:
-        pass
+    # Optional (a module that is not installed is skipped): torch.optim's first optimiser imports
+    # torch._dynamo; the Flax references import jax and flax; hypothesis's pytest plugin imports it.
+    for name in ("torch._dynamo", "jax", "jax.numpy", "flax.linen", "hypothesis"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    for plugin in entry_points(group="pytest11"):  # every run loads them; the package's own stays lazy
+        if not plugin.value.startswith("tokenlearner_torch"):
+            try:
+                plugin.load()
+            except Exception:  # noqa: BLE001 - the child's pytest reports a broken plugin itself
+                pass
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 class _Run:
@@ -542,8 +568,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     fork = hasattr(os, "fork") and not args.no_fork
     os.chdir(ROOT)
-    if fork:
-        _preload()
+    with _jax_cache():
+        if fork:
+            _preload()
+        return _check(args, selected, fork, start)
+
+
+@contextlib.contextmanager
+def _jax_cache() -> Iterator[None]:
+    """One JAX persistent compilation cache for every run (a temporary folder, removed at the end; a cache
+    already set in the environment, such as the test session's, is used as it is): the killing tests of
+    several mutants compile the same Flax reference, which a mutant of the port does not change, and a cache
+    hit loads the executable XLA compiled the first time, so no number can change. Set before jax is
+    imported here or in a child (jax reads these variables at import)."""
+    if os.environ.get(_JAX_CACHE):
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in (_JAX_CACHE, *_JAX_CACHE_LIMITS)}
+    folder = tempfile.mkdtemp(prefix="tokenlearner-mutants-jax-cache-")
+    os.environ[_JAX_CACHE] = folder
+    for key in _JAX_CACHE_LIMITS:  # every compile is worth keeping: the references compile in well under 1 s
+        os.environ.setdefault(key, "0")
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _check(args: argparse.Namespace, selected: list[Mutant], fork: bool, start: float) -> int:
     # A killing test whose file is missing makes its mutant an ERROR without a run (and keeps it out of the
     # baseline, which checks the others).
     missing = {m.name: [k for k in m.killers if not (ROOT / k.split("::")[0]).is_file()] for m in selected}
@@ -551,7 +608,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     jobs: list[tuple[str, list[str], Optional[str]]] = []
     if not args.no_baseline and runnable:
         jobs.append(("", sorted({k for m in runnable for k in m.killers}), None))
-    jobs += [(m.name, list(m.killers), m.name) for m in runnable]
+    # The order (not the outcome) matters for the JAX cache: a Flax reference compiled by two runs at the same
+    # time is compiled twice. The mutants run in the reverse of the baseline's order (sorted test ids), so they
+    # reach the tests the baseline runs first (and compiles for) last; and a mutant whose tests another
+    # mutant already has waits until every first one has started (the first of each set, then the second of
+    # each, ...), so that it reuses what that one compiled, also without a baseline.
+    repeat: dict[str, int] = {}
+    count: dict[tuple[str, ...], int] = {}
+    for m in runnable:
+        repeat[m.name] = count.get(m.killers, 0)
+        count[m.killers] = repeat[m.name] + 1
+    order = sorted(runnable, key=lambda m: m.killers, reverse=True)
+    order.sort(key=lambda m: repeat[m.name])
+    jobs += [(m.name, list(m.killers), m.name) for m in order]
     results = _run_all(jobs, args.jobs, args.timeout, fork)
     for m in selected:
         if missing[m.name]:
