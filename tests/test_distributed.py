@@ -1,10 +1,12 @@
 """Distributed training on torch.distributed: DDP and FSDP2 (with activation checkpointing) on 2 CPU
 processes (gloo). (That checkpointing alone gives bitwise-equal gradients: tests/test_conventions.py.)
 
-The runs go through the documented launcher and script (``torchrun ... scripts/train_distributed.py``) on
-127.0.0.1 with a free port; the model is built from its input shapes (no warm-up forward) and wrapped at
-once. A few AdamW steps on 2 processes x half the batch must give the weights of one process on the whole
-batch.
+The DDP run goes through the documented launcher and script (``torchrun ... scripts/train_distributed.py``)
+on 127.0.0.1 with a free port; the FSDP2 run calls the same script's main() in 2 rank processes with
+torchrun's environment, forked by tests/dist_worker.py's server (it imported torch once: ~3 s of CPU less
+per rank, and no second launcher process). The model is built from its input shapes (no warm-up forward)
+and wrapped at once. A few AdamW steps on 2 processes x half the batch must give the weights of one process
+on the whole batch.
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ def _has_fully_shard() -> bool:
 
 @pytest.mark.skipif(not _has_fully_shard(), reason="torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
 def test_fsdp2_two_processes_equal_one_process(tmp_path, single_process, initial):
-    weights, stdout = _torchrun(tmp_path, "--strategy", "fsdp2", "--checkpointing")
+    from safetensors.torch import load_file
+    from test_training_distributed import launch
+
+    out = tmp_path / "weights.safetensors"
+    launch("script", tmp_path, args=("--device", "cpu", "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
+                                     "--save", str(out), "--strategy", "fsdp2", "--checkpointing"), timeout=300)  # fmt: skip
+    weights, stdout = load_file(str(out)), (tmp_path / "log0.txt").read_text()
     assert "fsdp2: 2 processes, 3 steps" in stdout
     _assert_same_weights(weights, single_process, initial)

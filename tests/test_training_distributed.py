@@ -1,7 +1,11 @@
 """Data parallelism with Scenic's pmap semantics (training/distributed.py) on 2 gloo processes (CPU).
 
-Each job launches tests/dist_worker.py once per rank, as torchrun does (RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT on 127.0.0.1 with a free port), and reads what the ranks wrote. Compared against:
+Each job runs tests/dist_worker.py's main() in one process per rank, with torchrun's environment (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT on 127.0.0.1 with a free port), and reads what the ranks wrote. The rank
+processes are forked by one server process that imported torch and the package once (dist_worker.serve; a
+fresh interpreter per rank would spend ~3 s of CPU on those imports); torchrun itself launches the README's
+command in test_torchrun_cli_two_processes (and scripts/train_distributed.py in tests/test_distributed.py).
+Compared against:
 
 * shared/loop_goldens/public_pmap2 (copied to tests/fixtures/loop_goldens): a genuine 2-device Scenic run
   (``jax.pmap``, global batch 8 = 2 x 4, a different batch_mask per device, a fully masked eval shard):
@@ -13,12 +17,16 @@ MASTER_PORT on 127.0.0.1 with a free port), and reads what the ranks wrote. Comp
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -36,27 +44,59 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server:
+    """tests/dist_worker.py --serve, started at the first launch and kept for the session (tests/test_distributed.py
+    launches from it too; it exits when pytest does): it imports torch and the package once and forks the
+    ranks of every launch (see dist_worker.serve)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def get(cls) -> subprocess.Popen:
+        if cls.proc is None or cls.proc.poll() is not None:
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+            if cls.proc is None:
+                atexit.register(cls.close)
+            cls.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], env=env, cwd=ROOT, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
+        return cls.proc
+
+    @classmethod
+    def close(cls, kill: bool = False) -> None:
+        if cls.proc is not None:
+            if kill:
+                try:
+                    os.killpg(cls.proc.pid, signal.SIGKILL)  # the server and any rank it forked
+                except ProcessLookupError:
+                    pass
+            cls.proc.stdin.close()
+            cls.proc.wait()
+            cls.proc.stdout.close()
+            cls.proc = None
+
+
 def launch(mode: str, out: Path, nproc: int = 2, *, timeout: float = 240, collective_timeout_s: float = 60,
-           wait_for: int | None = None) -> tuple[list[dict | None], list[subprocess.Popen]]:  # fmt: skip
-    """Start ``nproc`` ranks of tests/dist_worker.py; wait for all (or for rank ``wait_for`` only)."""
+           wait_for: int | None = None, args: tuple[str, ...] = ()) -> tuple[list[dict | None], list[types.SimpleNamespace]]:  # fmt: skip
+    """Run ``nproc`` ranks of tests/dist_worker.py (separate processes, forked by the server); wait for all
+    (or for rank ``wait_for`` only: the others are then killed). Returns what each rank wrote and each
+    one's exit status (``.returncode``, as subprocess.Popen's)."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for rank in range(nproc):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "WORKER_TIMEOUT_S": str(collective_timeout_s), "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
-        log = open(out / f"log{rank}.txt", "w")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for rank, p in enumerate(procs):
-            if wait_for is None or rank == wait_for:
-                p.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            if wait_for is not None and p.poll() is None:
-                p.kill()
-                p.wait()
+    env = {**os.environ, "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1", "WORKER_TIMEOUT_S": str(collective_timeout_s), "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
+    request = {"mode": mode, "out": str(out), "nproc": nproc, "env": env, "timeout_s": timeout, "wait_for": wait_for,
+               "args": list(args)}  # fmt: skip
+    server = _Server.get()
+    server.stdin.write(json.dumps(request) + "\n")
+    server.stdin.flush()
+    ready, _, _ = select.select([server.stdout], [], [], timeout + 60)  # the server's imports, then the ranks
+    line = server.stdout.readline() if ready else ""
+    if not line:
+        _Server.close(kill=True)
+        raise AssertionError(f"the fork server did not answer ({'exited' if ready else 'no answer'})")
+    answer = json.loads(line)
+    if answer["timed_out"]:
+        raise subprocess.TimeoutExpired(f"{mode} ranks", timeout)
+    procs = [types.SimpleNamespace(returncode=rc) for rc in answer["returncodes"]]
     results = []
     for rank in range(nproc):
         f = out / f"rank{rank}.json"
