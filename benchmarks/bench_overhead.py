@@ -50,11 +50,11 @@ def per_forward_ms(dtype: str, repeats: int, device: str = "cpu") -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench_overhead.py", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.exit(2, "bench_overhead.py: --device cuda needs a CUDA device (torch.cuda.is_available() is False)\n")
     torch.set_num_threads(1)

@@ -736,8 +736,9 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Optional[list[str]] = None) -> None:
+    """The command line; ``argv`` defaults to ``sys.argv[1:]`` (tests call it in-process)."""
+    p = argparse.ArgumentParser(prog="bench_speed.py", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: port, Flax (jax GPU backend) and the matmul floor on the first GPU")
     p.add_argument("--rows", default="infer,train",
@@ -773,7 +774,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the table to this file instead (not with --write)")
     p.add_argument("--memory-child", nargs=3, metavar=("WORKLOAD", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--memory-kind", default="infer", choices=("infer", "train"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
     if args.memory_child:
         w, impl, b = args.memory_child
         print(json.dumps(memory_child(w, impl, int(b), args.device, args.precision or "highest", args.memory_kind)))
@@ -831,7 +833,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     title = "# GPU benchmark (latest run)" if cuda else "# CPU benchmark (latest run)"
     # The options shape a run (rows, batches, precisions, compile subset): record them, less --out / --write.
-    argv = sys.argv[1:]
     kept = [a for i, a in enumerate(argv)
             if not (a.startswith("--out") or a == "--write" or (i and argv[i - 1] == "--out"))]
     command = shlex.join(["python", "benchmarks/bench_speed.py"] + kept)

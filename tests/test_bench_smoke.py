@@ -4,7 +4,9 @@ The benchmark checks the port against the Flax reference itself (outputs, every 
 step); this test runs it with ``--quick`` (a tiny TokenLearner ViT, batch 2, one round) and reads those
 checks back from the table, so a broken training row, recipe or check fails here and not on the lead's
 quiet machine. ``--backend aot_eager`` keeps inductor's C++ build out of the test (seconds, not minutes);
-the recipes' inductor options are checked separately.
+the recipes' inductor options are checked separately. The benchmark subprocesses compile the Flax side with
+XLA's fast-compile options (_fast_xla_flags: the same computation, less optimised machine code); the argument
+errors are checked in-process through ``main(argv)``, and once as a command.
 """
 
 from __future__ import annotations
@@ -24,9 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_speed.py"
 
 
-def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _fast_xla_flags() -> str:
+    """XLA:CPU options for the benchmark runs these tests start: LLVM -O0 and, on jaxlib >= 0.10, the legacy
+    elemental emitters instead of the MLIR fusion emitters. The HLO (what jax computes) is the same; the code
+    XLA makes from it runs slower and may differ in the last bits (a contracted multiply-add; the checks read
+    here hold at 1e-6 and looser), and it compiles in a quarter of the CPU time: XLA compiling Scenic's steps
+    and the op-by-op init was 25 of a --quick run's 44 s. XLA aborts on a flag it does not know, hence the
+    version gate."""
+    from importlib.metadata import version
+
+    flags = ["--xla_backend_optimization_level=0"]
+    if tuple(int(v) for v in re.findall(r"\d+", version("jaxlib"))[:2]) >= (0, 10):
+        flags.append("--xla_cpu_use_fusion_emitters=false")
+    return " ".join(flags)
+
+
+def _env() -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=env,
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {_fast_xla_flags()}".strip()
+    return env
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, env=_env(),
                           cwd=ROOT, timeout=timeout)
 
 
@@ -95,32 +117,57 @@ def test_quick_run_all_rows():
         (["--quick", "--write"], "--write updates the committed table; --out writes elsewhere: give one of them"),
     ],
 )
-def test_bad_options_one_line(args, message, tmp_path):
+def test_bad_options_one_line(args, message, tmp_path, capsys):
+    """In-process (``main(argv)``): the command line's own path, exit status 2 and one line on stderr, is
+    checked once in a subprocess by test_bad_option_command_line_one_line."""
     out = tmp_path / "never.md"
-    res = _run(*args, "--out", str(out), timeout=300)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: ") and message in lines[0], res.stderr
+    err = _main_fails(*args, "--out", str(out), capsys=capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: ") and message in lines[0], err
     assert not out.exists()
 
 
-def test_cuda_without_gpu_one_line(tmp_path):
+def test_bad_option_command_line_one_line(tmp_path):
+    """As a command: one line on stderr, nothing on stdout, exit status 2, no table."""
+    out = tmp_path / "never.md"
+    res = _run("--rows", "inference", "--out", str(out), timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == ("bench_speed.py: error: --rows takes a comma-separated list of infer, "
+                                            "train; got 'inference'"), res.stderr
+    assert res.stdout == "" and not out.exists()
+
+
+def test_cuda_without_gpu_one_line(tmp_path, capsys):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: this test is about the message on a CPU-only machine")
-    res = _run("--device", "cuda", "--rows", "train", "--out", str(tmp_path / "gpu.md"), timeout=300)
-    assert res.returncode == 2
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: --device cuda: torch"), res.stderr
+    err = _main_fails("--device", "cuda", "--rows", "train", "--out", str(tmp_path / "gpu.md"), capsys=capsys)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: --device cuda: torch"), err
+    assert not (tmp_path / "gpu.md").exists()
 
 
 def _bench_modules():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_speed
     import recipes
 
     return bench_speed, recipes
+
+
+def _main_fails(*argv: str, capsys) -> str:
+    """``bench_speed.main(argv)`` in this process must exit with status 2 before any work: its stderr."""
+    bench_speed, _ = _bench_modules()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        bench_speed.main(list(argv))
+    captured = capsys.readouterr()
+    assert info.value.code == 2, captured.err
+    assert captured.out == "", captured.out
+    return captured.err
 
 
 def test_recipes_table():
@@ -166,11 +213,22 @@ def test_cudagraph_recipe_runs_where_there_is_no_gpu():
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["port", "flax"])
 def test_train_memory_child(impl):
-    """The training-memory measurement of one side runs in-process and reports the RSS it read (a tiny model's
-    step may fit in pages already held: >= 0) and the gradient buffers' size, the model's parameter bytes."""
+    """The training-memory measurement of one side reports the RSS it read (a tiny model's step may fit in pages
+    already held: >= 0) and the gradient buffers' size, the model's parameter bytes. The port's runs in this
+    process; Flax's in the child process measure_memory starts (``--memory-child ... --memory-kind train``, its
+    JSON line read back), with the fast XLA compile of _env: its op-by-op init and jitted gradient are most of
+    its cost."""
+    import json
+
     bench_speed, _ = _bench_modules()
     name = "tiny TokenLearner ViT (smoke test)"
-    out = bench_speed.memory_child(name, impl, 2, "cpu", "highest", "train")
+    if impl == "port":
+        out = bench_speed.memory_child(name, impl, 2, "cpu", "highest", "train")
+    else:
+        res = _run("--memory-child", name, impl, "2", "--memory-kind", "train", "--precision", "highest",
+                   timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
     n_params = sum(p.numel() for p in bench_speed._port(bench_speed.QUICK_WORKLOADS[name], None).parameters())
     assert out["activation_mib"] >= 0 and out["before_mib"] > 10, out  # the process holds torch (and jax)
     assert out["grad_mib"] == pytest.approx(n_params * 4 / 2**20), out
@@ -229,7 +287,7 @@ def test_bench_gemm_prints_every_shape():
     assert all(float(c) > 0 for r in rows for c in r.strip("| ").split("|")[2:])
 
 
-def test_bench_overhead_prints_both_precisions():
+def test_bench_overhead_prints_both_precisions(capsys):
     """benchmarks/bench_overhead.py: the host-side cost of an eager forward, float32 and the bf16 policy."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--repeats", "2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -239,10 +297,15 @@ def test_bench_overhead_prints_both_precisions():
     assert set(rows) == {"float32", "bfloat16"} and all(v > 0 for v in rows.values())
     import torch
 
-    if not torch.cuda.is_available():  # without CUDA, --device cuda is a one-line usage error
-        res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--device", "cuda"],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "CUDA" in res.stderr
+    if not torch.cuda.is_available():  # without CUDA, --device cuda is a one-line usage error (main(argv) here)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import bench_overhead
+
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            bench_overhead.main(["--device", "cuda"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
 
 
 @pytest.mark.slow
@@ -255,8 +318,7 @@ def test_bench_train_loop_quick(tmp_path):
     before = committed.read_bytes() if committed.exists() else None
     out = tmp_path / "train_loop.md"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_loop.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         capture_output=True, text=True, cwd=ROOT, timeout=300, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert (committed.read_bytes() if committed.exists() else None) == before
     text = out.read_text()
