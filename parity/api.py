@@ -496,8 +496,9 @@ def live(
     shapes) or a case folder (its config, weights and inputs). Weights: ``checkpoint`` if given, else the
     case's, else random ones (no parameter zero). Inputs: ``inputs`` (arrays, a name -> array dict or an
     .npz path), else the case's, else seeded ``N(0,1)`` of the config's (or ``input_shapes``) shapes.
-    ``fast_compile``: compile the jitted reference with LLVM -O0: the same HLO and a much shorter compile on
-    CPU, but LLVM then contracts no fused multiply-adds, so Flax's rounding changes where it matters
+    ``fast_compile``: compile the jitted reference with LLVM -O0 (``reference.FAST_COMPILE``): the same HLO
+    and a much shorter compile on CPU, but LLVM then contracts no fused multiply-adds, so Flax's rounding
+    changes where it matters
     (LayerNorm statistics of tiny rows whose mean dwarfs their spread). Off by default: the reference is
     compiled as Flax users run it.
 
