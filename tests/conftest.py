@@ -1,4 +1,4 @@
-"""Session-wide test settings.
+"""Session-wide test settings: a shared JAX compilation cache, and the files with long tests first.
 
 One JAX persistent compilation cache per test session, shared by the xdist workers and every subprocess the
 tests start (command-line runs, rank processes, mutant children): many tests compile the same Flax reference
@@ -33,3 +33,10 @@ def pytest_unconfigure(config) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         if os.environ.get(_CACHE_ENV) == folder:
             del os.environ[_CACHE_ENV]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with a test marked ``slow`` run first (each file's tests stay together and in order, so module
+    fixtures are built once): the long tests start while the short ones can still fill the other workers."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
