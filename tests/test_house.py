@@ -311,3 +311,18 @@ def test_help_of_the_package_is_short_and_says_where_to_start():
     assert issubclass(ShapeError, tl.TokenLearnerError)
     vit_help = pydoc.render_doc(TokenLearnerViT, renderer=pydoc.plaintext)
     assert "num_classes" in vit_help and "forward_features" in vit_help
+
+
+def test_the_session_shares_one_jax_compilation_cache():
+    """tests/conftest.py: every worker and every subprocess of a test session compiles into one JAX cache (a
+    large part of why the suite fits its time on 2 cores); losing it in a refactor must not go unnoticed."""
+    import os
+
+    jax = pytest.importorskip("jax")
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    assert folder and Path(folder).is_dir()
+    assert jax.config.jax_compilation_cache_dir == folder
+    assert float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]) == 0
+    probe = "import jax, os; print(jax.config.jax_compilation_cache_dir == os.environ['JAX_COMPILATION_CACHE_DIR'])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
