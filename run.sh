@@ -21,11 +21,12 @@ fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+torch_wheel=()
 if ! python -c "import torch" >/dev/null 2>&1; then
-  # The CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-  python -m pip install -q "torch==2.13.0"
+  # The CPU wheel; an unpinned torch would pull a multi-GB CUDA build. One pip run installs it with the rest.
+  torch_wheel=("torch==2.13.0")
 fi
-python -m pip install -q -e ".[test]"
+python -m pip install -q ${torch_wheel[@]+"${torch_wheel[@]}"} -e ".[test]"
 
 case "$job" in
   demo) python scripts/demo.py "$@" ;;
