@@ -341,11 +341,6 @@ def _run_rank(request: dict, rank: int) -> int:
         sys.stderr.flush()
 
 
-def _exit_status(status: int) -> int:
-    """subprocess.Popen.returncode's convention: the exit code, or -N for a process killed by signal N."""
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
 def serve() -> int:
     """Fork server: import torch and everything the ranks use ONCE, then, for each request line on stdin
     (JSON: mode, out, nproc, env, timeout_s, wait_for, args), fork ``nproc`` fresh processes that each run main()
@@ -403,7 +398,7 @@ def serve() -> int:
                 if p not in status:
                     done, st = os.waitpid(p, os.WNOHANG)
                     if done:
-                        status[p] = _exit_status(st)
+                        status[p] = os.waitstatus_to_exitcode(st)
             if time.monotonic() > deadline:
                 timed_out = any(p not in status for p in awaited)
                 break
@@ -414,7 +409,7 @@ def serve() -> int:
                     os.kill(p, 9)
                 except ProcessLookupError:
                     pass
-                status[p] = _exit_status(os.waitpid(p, 0)[1])
+                status[p] = os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])
         answer.write(json.dumps({"returncodes": [status[p] for p in pids], "timed_out": timed_out}) + "\n")
         answer.flush()
     return 0
