@@ -149,7 +149,8 @@ def float64_mlp_blocks(prefer_genuine: bool = True) -> Iterator[None]:
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _fast_compile_options() -> dict[str, Any]:
+def fast_compile_options() -> dict[str, Any]:
+    """:data:`FAST_COMPILE` for this jaxlib (the one place that decides the fast-compile options)."""
     from importlib.metadata import version
 
     # Only on the jaxlib line where the option was seen to exist: XLA rejects an option it does not know.
@@ -209,7 +210,7 @@ def run_reference(
     def wrap(f: Any) -> Any:
         if not jit:
             return f
-        return jax.jit(f, compiler_options=_fast_compile_options() if (fast_compile and dev.platform == "cpu") else None)
+        return jax.jit(f, compiler_options=fast_compile_options() if (fast_compile and dev.platform == "cpu") else None)
 
     patch = float64_mlp_blocks(prefer_genuine) if f64 else contextlib.nullcontext()
     grad_out: dict[str, np.ndarray] = {}

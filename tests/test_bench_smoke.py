@@ -27,19 +27,14 @@ BENCH = ROOT / "benchmarks" / "bench_speed.py"
 
 
 def _fast_xla_flags() -> str:
-    """XLA:CPU options for the benchmark runs these tests start: LLVM -O0 and, on jaxlib 0.10, the legacy
-    elemental emitters instead of the MLIR fusion emitters. The HLO (what jax computes) is the same; the code
-    XLA makes from it runs slower and may differ in the last bits (a contracted multiply-add; the checks read
-    here hold at 1e-6 and looser), and it compiles in a quarter of the CPU time: XLA compiling Scenic's steps
-    and the op-by-op init was 25 of a --quick run's 44 s. XLA aborts on a flag it does not know, hence the
-    version gate."""
-    from importlib.metadata import version
+    """The parity harness's fast-compile options (``reference.fast_compile_options``: LLVM -O0 and, on jaxlib
+    0.10, the elemental emitters) as XLA_FLAGS for the benchmark runs these tests start. The HLO (what jax
+    computes) is the same; the code XLA makes from it runs slower and may differ in the last bits (a contracted
+    multiply-add; the checks read here hold at 1e-6 and looser), and it compiles in a quarter of the CPU time:
+    XLA compiling Scenic's steps and the op-by-op init was 25 of a --quick run's 44 s."""
+    from tokenlearner_torch.parity.reference import fast_compile_options
 
-    flags = ["--xla_backend_optimization_level=0"]
-    # Only on the jaxlib line where the flag was seen to exist: a later one that drops it must not fail CI.
-    if tuple(int(v) for v in re.findall(r"\d+", version("jaxlib"))[:2]) == (0, 10):
-        flags.append("--xla_cpu_use_fusion_emitters=false")
-    return " ".join(flags)
+    return " ".join(f"--{k}={str(v).lower()}" for k, v in fast_compile_options().items())
 
 
 def _env() -> dict:
@@ -122,7 +117,7 @@ def test_bad_options_one_line(args, message, tmp_path, capsys):
     """In-process (``main(argv)``): the command line's own path, exit status 2 and one line on stderr, is
     checked once in a subprocess by test_bad_option_command_line_one_line."""
     out = tmp_path / "never.md"
-    err = _main_fails(*args, "--out", str(out), capsys=capsys)
+    err = _main_fails(_bench_modules()[0].main, *args, "--out", str(out), capsys=capsys)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: ") and message in lines[0], err
     assert not out.exists()
@@ -144,7 +139,9 @@ def test_cuda_without_gpu_one_line(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: this test is about the message on a CPU-only machine")
-    err = _main_fails("--device", "cuda", "--rows", "train", "--out", str(tmp_path / "gpu.md"), capsys=capsys)
+    bench_speed, _ = _bench_modules()
+    err = _main_fails(bench_speed.main, "--device", "cuda", "--rows", "train", "--out", str(tmp_path / "gpu.md"),
+                      capsys=capsys)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_speed.py: error: --device cuda: torch"), err
     assert not (tmp_path / "gpu.md").exists()
@@ -159,12 +156,11 @@ def _bench_modules():
     return bench_speed, recipes
 
 
-def _main_fails(*argv: str, capsys) -> str:
-    """``bench_speed.main(argv)`` in this process must exit with status 2 before any work: its stderr."""
-    bench_speed, _ = _bench_modules()
+def _main_fails(main, *argv: str, capsys) -> str:
+    """A benchmark's ``main(argv)`` in this process must exit with status 2 before any work: its stderr."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        bench_speed.main(list(argv))
+        main(list(argv))
     captured = capsys.readouterr()
     assert info.value.code == 2, captured.err
     assert captured.out == "", captured.out
@@ -299,14 +295,11 @@ def test_bench_overhead_prints_both_precisions(capsys):
     import torch
 
     if not torch.cuda.is_available():  # without CUDA, --device cuda is a one-line usage error (main(argv) here)
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+        _bench_modules()
         import bench_overhead
 
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            bench_overhead.main(["--device", "cuda"])
-        err = capsys.readouterr().err
-        assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
+        err = _main_fails(bench_overhead.main, "--device", "cuda", capsys=capsys)
+        assert len(err.strip().splitlines()) == 1 and "CUDA" in err, err
 
 
 @pytest.mark.slow
