@@ -51,10 +51,8 @@ def test_fullgraph_capture(use_tokenfuse):
     _check_vit(use_tokenfuse, "aot_eager")
 
 
-@pytest.mark.slow
-def test_fullgraph_inductor():
-    """The real thing: inductor (C++ codegen, ~1-2 min of CPU); covers V1.1, blocks and TokenFuser."""
-    _check_vit(True, "inductor")
+# The real thing, inductor's C++ build of this graph (V1.1, blocks and TokenFuser), runs in
+# test_compile_dynamic.test_inductor_static_and_dynamic: one process pays inductor's start-up once.
 
 
 def test_fullgraph_compile_token_fuser():

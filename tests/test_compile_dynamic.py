@@ -120,10 +120,17 @@ def test_every_model_traces_once_with_dynamic_shapes(name, cls, kwargs, shapes):
 
 
 @pytest.mark.slow
-def test_inductor_dynamic_training_and_inference():
-    """The default backend with dynamic=True: a channel-last image reaches the patch embedding as a permuted
-    view of the graph input, whose symbolic strides inductor could not order (compiled graphs now copy it).
-    Forward + backward and inference at three batch sizes, equal to eager, without graph breaks."""
+def test_inductor_static_and_dynamic():
+    """Inductor itself, the default backend (its C++ build), in one test: a process's first inductor compile
+    pays its start-up (compile workers, precompiled header), ~15 s of CPU, as much as a whole static graph.
+
+    1. dynamic=False, fullgraph: a V1.1 ViT with blocks and the TokenFuser, inference equal to eager.
+    2. dynamic=True: a channel-last image reaches the patch embedding as a permuted view of the graph input,
+       whose symbolic strides inductor could not order (compiled graphs now copy it). Forward + backward and
+       inference at three batch sizes, equal to eager, without graph breaks."""
+    from test_compile import _check_vit
+
+    _check_vit(True, "inductor")
     model = _model(False).train()
     torch._dynamo.reset()
     counters.clear()
