@@ -374,6 +374,7 @@ def _reference_run(
     call_kwargs = dict(config.get("call_kwargs") or default_call_kwargs(config["scenic_class"]))
     cls, kwargs = config["scenic_class"], config["constructor_kwargs"]
     notes: list[str] = []
+    out_shape = None
     say(f"building the reference {_model_words(config)}: {R.reference_name(prefer_genuine)}")
     with precision(m, use_jax=True) as settings:
         module = R.reference_module(cls, kwargs, m, prefer_genuine=prefer_genuine)
@@ -393,7 +394,9 @@ def _reference_run(
         elif case is not None:
             params, params_source = case.params, f"{case.path.name}/{case.params_source}"
         else:
-            params = R.random_params(module, xs, call_kwargs, seed)
+            # One abstract trace gives the parameter shapes and the output's (for the cotangent below).
+            out_shape, shapes = R.init_shapes(module, xs, call_kwargs)
+            params = R.random_params(module, xs, call_kwargs, seed, shapes=shapes)
             params_source = f"random (seed {seed}, goldens' randomisation: no parameter zero)"
         if set(params) == {"params"}:
             params = params["params"]
@@ -402,6 +405,8 @@ def _reference_run(
         cot = None
         if case is not None and case.cotangent is not None and inputs is case.inputs:
             cot = case.cotangent
+        elif grads and out_shape is not None:
+            cot = R.draw_cotangent(out_shape, seed, m.array_dtype == "float64")
         say(f"compiling and running the reference (mode {m.name}, {'jit' if jit else 'eager'}, "
             f"{'forward and gradients' if grads else 'forward'})")
         try:
@@ -438,17 +443,14 @@ def _check_params_fit(module: Any, params: Mapping[str, Any], xs: Mapping[str, n
     """Raise a one-line :class:`CaseError` naming the missing, unexpected and mis-shaped parameters when
     the checkpoint's tree does not fit the reference module built from ``config`` (Flax would only name
     the first, as a ScopeParamShapeError)."""
-    import jax
-    import jax.numpy as jnp
-
     from tokenlearner_torch.weights_convert.mapping import flatten_tree
 
-    arrays = [jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for v in xs.values()]
+    from . import reference as R
+
     try:
-        shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **call_kwargs), *arrays)
+        want = R.init_shapes(module, xs, call_kwargs)[1]
     except Exception:  # noqa: BLE001 - the reference run itself reports a config/input it rejects
         return
-    want = {k: tuple(v.shape) for k, v in flatten_tree(dict(shapes["params"])).items()}
     have = {k: tuple(np.shape(v)) for k, v in flatten_tree(dict(params)).items()}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))

@@ -16,7 +16,7 @@ from tokenlearner_torch.weights_convert.mapping import flatten_tree
 
 from .modes import Mode
 
-__all__ = ["reference_module", "random_params", "run_reference", "reference_name"]
+__all__ = ["reference_module", "init_shapes", "random_params", "draw_cotangent", "run_reference", "reference_name"]
 
 
 def reference_name(prefer_genuine: bool = True) -> str:
@@ -80,21 +80,35 @@ def _randomize(path: str, shape: tuple[int, ...], rng: np.random.Generator) -> n
     return 0.1 * z
 
 
-def random_params(module: Any, inputs: Mapping[str, np.ndarray], call_kwargs: Mapping[str, Any],
-                  seed: int = 0) -> dict[str, Any]:
-    """A parameter tree for ``module`` with the goldens' random values (float32, numpy)."""
+def init_shapes(module: Any, inputs: Mapping[str, np.ndarray],
+                call_kwargs: Mapping[str, Any]) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+    """``(output shape, {flat parameter path: shape})`` of ``module`` on ``inputs``, from one abstract trace
+    of its init (no arithmetic): what :func:`random_params` fills and the cotangent's shape."""
     import jax
     import jax.numpy as jnp
 
+    xs = [jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for v in inputs.values()]
+    out, variables = jax.eval_shape(
+        lambda *a: module.init_with_output(jax.random.PRNGKey(0), *a, **call_kwargs), *xs)
+    return tuple(out.shape), {k: tuple(v.shape) for k, v in flatten_tree(dict(variables["params"])).items()}
+
+
+def random_params(module: Any, inputs: Mapping[str, np.ndarray], call_kwargs: Mapping[str, Any],
+                  seed: int = 0, *, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """A parameter tree for ``module`` with the goldens' random values (float32, numpy). ``shapes``: the
+    parameter shapes :func:`init_shapes` gave, when the caller has them (else they are traced here)."""
     from tokenlearner_torch.weights_convert.mapping import unflatten_tree
 
-    xs = [jnp.asarray(np.asarray(v, np.float32)) for v in inputs.values()]
-    shapes = jax.eval_shape(lambda *a: module.init(jax.random.PRNGKey(0), *a, **call_kwargs), *xs)
-    flat = flatten_tree(dict(shapes["params"]))
+    if shapes is None:
+        shapes = init_shapes(module, inputs, call_kwargs)[1]
     rng = np.random.default_rng(seed)
-    return unflatten_tree(
-        {k: _randomize(k, tuple(v.shape), rng).astype(np.float32) for k, v in sorted(flat.items())}
-    )
+    return unflatten_tree({k: _randomize(k, shapes[k], rng).astype(np.float32) for k in sorted(shapes)})
+
+
+def draw_cotangent(shape: tuple[int, ...], seed: int, f64: bool) -> np.ndarray:
+    """The seeded ``N(0, 1)`` cotangent of a live run whose case has none (float64 in mode f64)."""
+    rng = np.random.default_rng(seed + 1)
+    return rng.standard_normal(shape).astype(np.float64 if f64 else np.float32)
 
 
 def _capture_filter(module: Any, method_name: str) -> bool:
@@ -217,9 +231,7 @@ def run_reference(
     with jax.default_device(dev), patch:
         if grads:
             if cotangent is None:
-                shape = jax.eval_shape(fwd, variables, xs)[0].shape
-                rng = np.random.default_rng(seed + 1)
-                cotangent = rng.standard_normal(shape).astype(np.float64 if f64 else np.float32)
+                cotangent = draw_cotangent(jax.eval_shape(fwd, variables, xs)[0].shape, seed, f64)
             (g_vars, g_inputs), (out, state) = wrap(jax.grad(loss, argnums=(0, 1), has_aux=True))(
                 variables, xs, cast(cotangent)
             )
