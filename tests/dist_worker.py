@@ -1,8 +1,7 @@
 """One rank of the data-parallel tests (tests/test_training_distributed.py launches it as torchrun would:
 RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment).
 
-    python tests/dist_worker.py MODE OUTDIR
-    python tests/dist_worker.py --serve      # the fork server the tests launch the ranks from (see serve())
+    python tests/dist_worker.py MODE OUTDIR      (the tests fork the ranks from tests/forkserver.py instead)
 
 Modes (each rank writes OUTDIR/rank<r>.json, and rank 0 the .npz files named below):
   semantics  public_pmap2's 5 steps at the train_step level (ScenicTrainer + Context.prepare) with the
@@ -309,111 +308,5 @@ def main() -> int:
     return 0
 
 
-def _run_rank(request: dict, rank: int) -> int:
-    """In a forked child of serve(): become rank ``rank`` of ``request`` and run main(); its exit status."""
-    import ctypes
-    import traceback
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the server
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        pass
-    log = os.open(Path(request["out"]) / f"log{rank}.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.close(null)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    sys.argv = [__file__, request["mode"], request["out"], *request.get("args", ())]
-    try:
-        return main()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - the traceback goes to the rank's log, as an uncaught error would
-        traceback.print_exc()
-        return 1
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-
-
-def serve() -> int:
-    """Fork server: import torch and everything the ranks use ONCE, then, for each request line on stdin
-    (JSON: mode, out, nproc, env, timeout_s, wait_for, args), fork ``nproc`` fresh processes that each run main()
-    as one rank (RANK / LOCAL_RANK set, stdout and stderr in OUTDIR/log<rank>.txt), wait for all of them
-    (or for rank ``wait_for`` only, then SIGKILL the others), and answer one JSON line: each rank's exit
-    status and whether the timeout expired (then every rank still running was killed).
-
-    The ranks are real, separate processes (own memory, own process group, own sockets: a rank that
-    exits or sleeps is really dead or silent); what they share is only the interpreter state of the
-    imports, which a fresh interpreter would rebuild identically (the server runs no torch code, starts no
-    thread). That saves each rank the ~3 s of CPU of importing torch and torch._dynamo (which torch.optim
-    imports at the first optimizer)."""
-    # What the ranks import, up front (modules only: importing them runs no torch computation).
-    import torch._dynamo  # noqa: F401
-    import torch.distributed.fsdp  # noqa: F401
-    import torch.distributed.tensor.experimental  # noqa: F401
-    import torch.nn.attention.flex_attention  # noqa: F401
-    import torch.nn.parallel  # noqa: F401
-    import torch.utils.flop_counter  # noqa: F401
-    import torch.utils.module_tracker  # noqa: F401
-
-    import loop_goldens  # noqa: F401
-    import safetensors.torch  # noqa: F401  (the script's --save)
-
-    import tokenlearner_torch.models  # noqa: F401
-    import tokenlearner_torch.scenic  # noqa: F401
-    import tokenlearner_torch.weights_convert.mapping  # noqa: F401
-    from tokenlearner_torch.training import train  # noqa: F401
-    from tokenlearner_torch.training.checkpoint import read_train_state  # noqa: F401
-    from tokenlearner_torch.weights_convert.layouts import flatten_tree  # noqa: F401
-
-    if os.path.isdir("/proc/self/task"):  # forking is safe: no thread could hold a lock
-        assert len(os.listdir("/proc/self/task")) == 1, os.listdir("/proc/self/task")
-    answer = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # nothing but the answers on the answer channel
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        answer.flush()
-        pids = []
-        for rank in range(request["nproc"]):
-            pid = os.fork()
-            if pid == 0:
-                os.close(answer.fileno())
-                os._exit(_run_rank(request, rank))
-            pids.append(pid)
-        deadline = time.monotonic() + request["timeout_s"]
-        status: dict[int, int] = {}
-        wait_for = request["wait_for"]
-        awaited = pids if wait_for is None else [pids[wait_for]]
-        timed_out = False
-        while any(p not in status for p in awaited):
-            for p in pids:
-                if p not in status:
-                    done, st = os.waitpid(p, os.WNOHANG)
-                    if done:
-                        status[p] = os.waitstatus_to_exitcode(st)
-            if time.monotonic() > deadline:
-                timed_out = any(p not in status for p in awaited)
-                break
-            time.sleep(0.02)
-        for p in pids:  # wait_for's peers, or every rank after a timeout
-            if p not in status:
-                try:
-                    os.kill(p, 9)
-                except ProcessLookupError:
-                    pass
-                status[p] = os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])
-        answer.write(json.dumps({"returncodes": [status[p] for p in pids], "timed_out": timed_out}) + "\n")
-        answer.flush()
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(serve() if sys.argv[1:] == ["--serve"] else main())
+    raise SystemExit(main())

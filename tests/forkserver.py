@@ -1,4 +1,4 @@
-"""A fork server for tests that start many short-lived Python processes (tests/test_training_cli.py).
+"""A fork server for tests that start many short-lived Python processes.
 
     python tests/forkserver.py MODULE...     # imports the modules once, then answers requests on stdin
 
@@ -8,7 +8,9 @@ and output files, and signals, ``kill -9`` and exit statuses as a fresh ``python
 What it is spared is the ~2.5 s of CPU of importing torch, torch._dynamo and TensorBoard.
 
 The environment the server starts with is the one those imports saw (``OMP_NUM_THREADS`` is read when torch
-loads): :class:`ForkServer` starts one server per environment of those variables.
+loads): :class:`ForkServer` starts one server per preload list and values of those variables. The tests of
+tests/test_training_cli.py and the ranks of tests/test_training_distributed.py (and test_distributed.py's)
+start their processes here.
 
 Requests and answers, one JSON line each (answers on the server's stdout, its own output goes to stderr):
   {"op": "spawn", "code", "argv", "env", "cwd", "stdout", "stderr"}  ->  {"pid": int}
@@ -69,11 +71,14 @@ def _become(request: Mapping) -> None:
         pass
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
     os.close(null)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    out = os.open(request["stdout"], flags, 0o644)
+    err = out if request["stderr"] == request["stdout"] else os.open(request["stderr"], flags, 0o644)  # 2>&1
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in {out, err}:
+        os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -83,8 +88,8 @@ def _become(request: Mapping) -> None:
 
 
 class ForkedProcess:
-    """The part of ``subprocess.Popen`` the tests use, for a process the server forked (stdout and stderr
-    go to files, read by :meth:`communicate` and :meth:`stderr_text`)."""
+    """The part of ``subprocess.Popen`` the tests use, for a process the server forked (its stdout and
+    stderr go to files, read by :meth:`communicate` and :meth:`stderr_text`)."""
 
     def __init__(self, server: "ForkServer", pid: int, stdout: Path, stderr: Path) -> None:
         self._server, self.pid, self._stdout, self._stderr = server, pid, stdout, stderr
@@ -134,18 +139,18 @@ class ForkServer:
                                       stdout=subprocess.PIPE, text=True, env=dict(env))
 
     @classmethod
-    def spawn(cls, code: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, logs: Path,
-              preload: Sequence[str]) -> ForkedProcess:
-        """Start ``python -c code *argv`` (forked) with ``env`` in ``cwd``; its stdout and stderr go to
-        ``logs``.out and ``logs``.err."""
+    def spawn(cls, code: str, argv: Sequence[str], *, env: Mapping[str, str], cwd: Path, stdout: Path,
+              stderr: Path | None = None, preload: Sequence[str]) -> ForkedProcess:
+        """Start ``python -c code *argv`` (forked) with ``env`` in ``cwd``, its output in the file ``stdout``
+        and its errors in ``stderr`` (``None``: in ``stdout`` too, as ``2>&1``)."""
         key = (tuple(preload), tuple((k, env.get(k)) for k in IMPORT_TIME_ENV))
         server = cls._servers.get(key)
         if server is None or server._proc.poll() is not None:
             server = cls._servers[key] = cls(preload, env)
-        out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        stderr = stdout if stderr is None else stderr
         pid = server.ask({"op": "spawn", "code": code, "argv": list(argv), "env": dict(env), "cwd": str(cwd),
-                          "stdout": str(out), "stderr": str(err)})["pid"]
-        return ForkedProcess(server, pid, out, err)
+                          "stdout": str(stdout), "stderr": str(stderr)})["pid"]
+        return ForkedProcess(server, pid, Path(stdout), Path(stderr))
 
     def ask(self, request: Mapping, timeout: float = 300) -> dict:
         self._proc.stdin.write(json.dumps(request) + "\n")

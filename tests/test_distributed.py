@@ -3,7 +3,7 @@ processes (gloo). (That checkpointing alone gives bitwise-equal gradients: tests
 
 The DDP run goes through the documented launcher and script (``torchrun ... scripts/train_distributed.py``)
 on 127.0.0.1 with a free port; the FSDP2 run calls the same script's main() in 2 rank processes with
-torchrun's environment, forked by tests/dist_worker.py's server (it imported torch once: ~3 s of CPU less
+torchrun's environment, forked from tests/forkserver.py (which imported torch once: ~3 s of CPU less
 per rank, and no second launcher process). The model is built from its input shapes (no warm-up forward)
 and wrapped at once. A few AdamW steps on 2 processes x half the batch must give the weights of one process
 on the whole batch.

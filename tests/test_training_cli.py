@@ -85,7 +85,8 @@ _runs = itertools.count()
 def _spawn(workdir, *extra, hang="", marker=""):
     env = {**ENV, "TL_HANG": hang, "TL_MARKER": str(marker)}
     logs = Path(workdir).parent / f"{Path(workdir).name}-run{next(_runs)}"
-    return ForkServer.spawn(_LAUNCH, _args(workdir, *extra), env=env, cwd=ROOT, logs=logs, preload=PRELOAD)
+    return ForkServer.spawn(_LAUNCH, _args(workdir, *extra), env=env, cwd=ROOT, stdout=logs.with_suffix(".out"),
+                            stderr=logs.with_suffix(".err"), preload=PRELOAD)
 
 
 def _run(workdir, *extra, timeout=240):

@@ -2,7 +2,7 @@
 
 Each job runs tests/dist_worker.py's main() in one process per rank, with torchrun's environment (RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT on 127.0.0.1 with a free port), and reads what the ranks wrote. The rank
-processes are forked by one server process that imported torch and the package once (dist_worker.serve; a
+processes are forked by a server process that imported torch and the package once (tests/forkserver.py; a
 fresh interpreter per rank would spend ~3 s of CPU on those imports); torchrun itself launches the README's
 command in test_torchrun_cli_two_processes (and scripts/train_distributed.py in tests/test_distributed.py).
 Compared against:
@@ -17,23 +17,19 @@ Compared against:
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+from forkserver import ForkedProcess, ForkServer
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "dist_worker.py"
 GOLDEN = ROOT / "tests" / "fixtures" / "loop_goldens" / "public_pmap2"
 SCALAR_TOL, PARAM_TOL, NOISE_PARAM_TOL = 1e-4, 1e-4, 1e-2
 
@@ -44,59 +40,40 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Server:
-    """tests/dist_worker.py --serve, started at the first launch and kept for the session (tests/test_distributed.py
-    launches from it too; it exits when pytest does): it imports torch and the package once and forks the
-    ranks of every launch (see dist_worker.serve)."""
-
-    proc: subprocess.Popen | None = None
-
-    @classmethod
-    def get(cls) -> subprocess.Popen:
-        if cls.proc is None or cls.proc.poll() is not None:
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-            if cls.proc is None:
-                atexit.register(cls.close)
-            cls.proc = subprocess.Popen([sys.executable, str(WORKER), "--serve"], env=env, cwd=ROOT, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)  # fmt: skip
-        return cls.proc
-
-    @classmethod
-    def close(cls, kill: bool = False) -> None:
-        if cls.proc is not None:
-            if kill:
-                try:
-                    os.killpg(cls.proc.pid, signal.SIGKILL)  # the server and any rank it forked
-                except ProcessLookupError:
-                    pass
-            cls.proc.stdin.close()
-            cls.proc.wait()
-            cls.proc.stdout.close()
-            cls.proc = None
+# What the ranks import, once, in the fork server they are forked from (tests/forkserver.py; importing runs no
+# torch computation): each rank is still a separate process (own memory, own sockets; a rank that exits or
+# sleeps is really dead or silent), without ~3 s of CPU of imports (torch._dynamo: torch.optim's first optimizer).
+PRELOAD = ["torch._dynamo", "torch.distributed.fsdp", "torch.distributed.tensor.experimental",
+           "torch.nn.attention.flex_attention", "torch.nn.parallel", "torch.utils.flop_counter",
+           "torch.utils.module_tracker", "safetensors.torch", "loop_goldens", "dist_worker",
+           "tokenlearner_torch.models", "tokenlearner_torch.scenic", "tokenlearner_torch.weights_convert.mapping",
+           "tokenlearner_torch.training.loop", "tokenlearner_torch.training.checkpoint"]
+_RANK = "import sys, dist_worker; sys.exit(dist_worker.main())"
 
 
 def launch(mode: str, out: Path, nproc: int = 2, *, timeout: float = 240, collective_timeout_s: float = 60,
-           wait_for: int | None = None, args: tuple[str, ...] = ()) -> tuple[list[dict | None], list[types.SimpleNamespace]]:  # fmt: skip
-    """Run ``nproc`` ranks of tests/dist_worker.py (separate processes, forked by the server); wait for all
-    (or for rank ``wait_for`` only: the others are then killed). Returns what each rank wrote and each
-    one's exit status (``.returncode``, as subprocess.Popen's)."""
+           wait_for: int | None = None, args: tuple[str, ...] = ()) -> tuple[list[dict | None], list[ForkedProcess]]:  # fmt: skip
+    """Run ``nproc`` ranks of tests/dist_worker.py (separate processes; rank r's output in OUTDIR/log<r>.txt);
+    wait for all (or for rank ``wait_for`` only: the others are then killed). Returns what each rank wrote
+    and each one's process (``.returncode`` as subprocess.Popen's)."""
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "OMP_NUM_THREADS": "1", "WORKER_TIMEOUT_S": str(collective_timeout_s), "PYTHONPATH": str(ROOT / "src")}  # fmt: skip
-    request = {"mode": mode, "out": str(out), "nproc": nproc, "env": env, "timeout_s": timeout, "wait_for": wait_for,
-               "args": list(args)}  # fmt: skip
-    server = _Server.get()
-    server.stdin.write(json.dumps(request) + "\n")
-    server.stdin.flush()
-    ready, _, _ = select.select([server.stdout], [], [], timeout + 60)  # the server's imports, then the ranks
-    line = server.stdout.readline() if ready else ""
-    if not line:
-        _Server.close(kill=True)
-        raise AssertionError(f"the fork server did not answer ({'exited' if ready else 'no answer'})")
-    answer = json.loads(line)
-    if answer["timed_out"]:
-        raise subprocess.TimeoutExpired(f"{mode} ranks", timeout)
-    procs = [types.SimpleNamespace(returncode=rc) for rc in answer["returncodes"]]
+    procs = [ForkServer.spawn(_RANK, [mode, str(out), *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              cwd=ROOT, stdout=out / f"log{r}.txt", preload=PRELOAD)
+             for r in range(nproc)]
+    awaited = procs if wait_for is None else [procs[wait_for]]
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in awaited):
+        if time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise subprocess.TimeoutExpired(f"{mode} ranks", timeout)
+        time.sleep(0.02)
+    for p in procs:  # wait_for's peers
+        p.kill()
+        p.wait()
     results = []
     for rank in range(nproc):
         f = out / f"rank{rank}.json"
